@@ -1,0 +1,1 @@
+"""Exporters: vLLM (compressed-tensors FP8), ONNX and dequantized HF folders."""

@@ -1,0 +1,25 @@
+"""falqon-lit: FALQON FP8 melded-LoRA fine-tuning on Lightning, exported as FP8 checkpoints with no PTQ step."""
+
+from falqon_lit.config import Backend, BPolicy, FalqonConfig, GemmRole, InitMethod, ScaleGranularity
+from falqon_lit.convert import ConversionReport, convert_model, dense_state_dict, falqon_layers
+from falqon_lit.layer import FalqonLinear
+from falqon_lit.quantizer import Float8Quantizer, Float8Tensor
+
+__all__ = [
+    # config
+    "BPolicy",
+    "Backend",
+    "FalqonConfig",
+    "GemmRole",
+    "InitMethod",
+    "ScaleGranularity",
+    # numerics and layer
+    "FalqonLinear",
+    "Float8Quantizer",
+    "Float8Tensor",
+    # convert
+    "ConversionReport",
+    "convert_model",
+    "dense_state_dict",
+    "falqon_layers",
+]

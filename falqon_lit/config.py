@@ -1,0 +1,135 @@
+"""Configuration of FALQON layers: frozen dataclasses and string enums only.
+
+Every field has an attribute docstring on the line after it: LightningCLI/jsonargparse show those in ``--help``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class ScaleGranularity(str, enum.Enum):
+    """How many FP8 scales a tensor gets."""
+
+    TENSOR = "tensor"
+    """One scale for the whole tensor (the paper's choice for ``[W; A]``)."""
+    ROW = "row"
+    """One scale per row: per output channel for weights, per token for activations."""
+
+
+class InitMethod(str, enum.Enum):
+    """How the melded ``A`` rows are initialised."""
+
+    SVD = "svd"
+    """Top-r right singular factor of the FP8 quantization error of ``W`` (the reference implementation)."""
+    RANDOM = "random"
+    """Kaiming-uniform, as PEFT initialises LoRA ``A``."""
+
+
+class BPolicy(str, enum.Enum):
+    """What happens to ``B`` after a row-wise proxy update."""
+
+    ZERO = "zero"
+    """Zero all of ``B`` after every merge (paper/reference; Adam moments carry the signal)."""
+    KEEP = "keep"
+    """Zero only the merged rows; the rest stays as a residual that forward/backward include exactly."""
+
+
+class Backend(str, enum.Enum):
+    """Which kernels run the FP8 GEMMs."""
+
+    AUTO = "auto"
+    """``torch`` (``torch._scaled_mm``) on CPU and CUDA."""
+    TORCH = "torch"
+    """``torch._scaled_mm`` (CPU, and CUDA with FP8 tensor cores)."""
+    EMULATE = "emulate"
+    """Float64 dequantize-and-matmul on the same FP8 bytes: slow, exact, the test oracle."""
+
+
+class GemmRole(str, enum.Enum):
+    """Which operand of a GEMM a quantizer feeds; decides the FP8 format."""
+
+    INPUT = "input"
+    WEIGHT = "weight"
+    GRAD_OUTPUT = "grad_output"
+
+
+FP8_GEMM_ALIGNMENT = 16
+"""FP8 tensor-core GEMMs need every dimension divisible by this."""
+
+
+@dataclass(frozen=True)
+class FalqonConfig:
+    """What to convert and how: rank, targets, FP8 scaling, initialisation, backend.
+
+    Raises:
+        ValueError: listing every invalid field at once.
+    """
+
+    rank: int = 16
+    """LoRA rank r; a positive multiple of 16 so that ``out_features + r`` stays FP8-GEMM aligned."""
+    target_modules: list[str] | None = None
+    """Name suffixes of the ``nn.Linear`` layers to convert (e.g. ``q_proj``); ``None``: every linear inside the
+    decoder blocks."""
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Name suffixes never converted (kept in high precision)."""
+    weight_scaling: ScaleGranularity = ScaleGranularity.TENSOR
+    """Scale granularity of the FP8 weight ``[W; A]``: ``tensor`` (paper) or ``row`` (per output channel)."""
+    act_scaling: ScaleGranularity = ScaleGranularity.TENSOR
+    """Dynamic scale granularity of activations and gradients: ``tensor`` or ``row`` (per token)."""
+    init: InitMethod = InitMethod.SVD
+    """Initialisation of ``A``: ``svd`` of the quantization error, or ``random``."""
+    b_policy: BPolicy = BPolicy.ZERO
+    """After a proxy update: ``zero`` all of ``B``, or ``keep`` the unmerged rows as an exact residual."""
+    backend: Backend = Backend.AUTO
+    """GEMM backend: ``auto``, ``torch`` or ``emulate`` (float64 oracle)."""
+    skip_unaligned: bool = True
+    """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
+
+    def __post_init__(self) -> None:
+        # Coerce strings (YAML, CLI) to enums once, here.
+        for name, enum_type in (
+            ("weight_scaling", ScaleGranularity),
+            ("act_scaling", ScaleGranularity),
+            ("init", InitMethod),
+            ("b_policy", BPolicy),
+            ("backend", Backend),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, enum_type):
+                try:
+                    object.__setattr__(self, name, enum_type(value))
+                except ValueError:
+                    choices = ", ".join(repr(m.value) for m in enum_type)
+                    raise ValueError(f"FalqonConfig.{name} must be one of {choices}, got {value!r}") from None
+        problems = []
+        if not isinstance(self.rank, int) or self.rank <= 0 or self.rank % FP8_GEMM_ALIGNMENT:
+            problems.append(
+                f"rank must be a positive multiple of {FP8_GEMM_ALIGNMENT} (FP8 GEMMs need out_features + rank "
+                f"divisible by {FP8_GEMM_ALIGNMENT}), got {self.rank!r}"
+            )
+        if self.target_modules is not None and (
+            not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            problems.append(f"target_modules must be None or a non-empty list of names, got {self.target_modules!r}")
+        if problems:
+            raise ValueError("invalid FalqonConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: object) -> FalqonConfig:
+        """Build a named preset: ``paper`` (tensor scales, zero B) or ``fp8-row`` (row scales, per-token inputs)."""
+        recipes = {
+            "paper": cls(),
+            "fp8-row": cls(weight_scaling=ScaleGranularity.ROW, act_scaling=ScaleGranularity.ROW),
+        }
+        if name not in recipes:
+            raise ValueError(f"unknown FALQON recipe {name!r}; choose one of {sorted(recipes)}")
+        return replace(recipes[name], **overrides)
+
+    def short_repr(self) -> str:
+        """A one-line summary for ``extra_repr``."""
+        return (
+            f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
+            f"init={self.init.value}, B={self.b_policy.value}, backend={self.backend.value}"
+        )

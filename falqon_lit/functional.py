@@ -1,0 +1,109 @@
+"""The melded FP8 forward/backward of FALQON (paper §3.2, Alg. 1) as one ``torch.autograd.Function``.
+
+Forward, one FP8 GEMM over the melded weight ``W' = [W; A]`` of shape ``(out + r, in)``::
+
+    [O | O_A] = Q(x) · W'ᵀ            O = x Wᵀ,  O_A = x Aᵀ
+    y = O (+ O_A Bᵀ when B holds a residual) (+ bias)
+
+Backward, one FP8 GEMM for the input gradient and a small one for ``B``::
+
+    grad_x = Q_e5m2([g | g B]) · W'    (just Q_e5m2(g) · W when B is known to be zero)
+    grad_B = gᵀ · O_A
+
+There is no gradient for ``W`` or ``A``: they change only through the row-wise proxy update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from falqon_lit.config import Backend, GemmRole, ScaleGranularity
+from falqon_lit.gemm import fp8_gemm
+from falqon_lit.quantizer import Float8Quantizer, Float8Tensor
+
+
+def melded_forward(
+    x_2d: torch.Tensor,
+    weight: Float8Tensor,
+    out_features: int,
+    act_scaling: ScaleGranularity,
+    backend: Backend,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
+    x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling)(x_2d)
+    out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
+    # Copy O_A out of the GEMM output so saving it for backward does not keep the whole (M, out + r) alive.
+    return out[:, :out_features], out[:, out_features:].clone()
+
+
+def melded_grad_input(
+    grad_2d: torch.Tensor,
+    weight_t: Float8Tensor,
+    act_scaling: ScaleGranularity,
+    backend: Backend,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``Q_e5m2(grad) · W'`` for ``grad`` of shape ``(M, K)`` and the stored transpose ``W'_t`` ``(in, K)``.
+
+    A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
+    gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
+    """
+    scale = weight_t.scale
+    if scale.numel() > 1:
+        grad_2d = grad_2d.float() * scale.reshape(1, -1)  # (M, K)
+        scale = torch.ones(1, dtype=torch.float32, device=grad_2d.device)
+    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling)(grad_2d)
+    return fp8_gemm(grad_fp8, Float8Tensor(weight_t.data, scale), out_dtype=out_dtype, backend=backend)
+
+
+class FalqonLinearFunction(torch.autograd.Function):
+    """Autograd adapter: saves only ``O_A``, ``B`` (for a residual) and the FP8 weight references."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        lora_B: torch.Tensor,
+        weight_fp8: torch.Tensor,
+        weight_t_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        act_scaling: ScaleGranularity,
+        backend: Backend,
+        residual: bool,
+    ) -> torch.Tensor:
+        out_features = lora_B.shape[0]
+        x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
+        o, o_a = melded_forward(x_2d, Float8Tensor(weight_fp8, weight_scale), out_features, act_scaling, backend)
+        # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
+        y = torch.addmm(o, o_a, lora_B.t().to(o.dtype)) if residual else o.contiguous()
+        ctx.save_for_backward(o_a, lora_B, weight_t_fp8, weight_scale)
+        ctx.act_scaling, ctx.backend, ctx.residual = act_scaling, backend, residual
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
+        o_a, lora_B, weight_t_fp8, weight_scale = ctx.saved_tensors
+        out_features = lora_B.shape[0]
+        grad_2d = grad_y.reshape(-1, out_features)  # (M, out)
+        grad_x = grad_b = None
+
+        # grad_weight (Alg. 1): dL/dB = gᵀ · O_A, a small (out × M)·(M × r) GEMM in high precision.
+        if ctx.needs_input_grad[1]:
+            grad_b = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
+
+        # grad_input (Alg. 1): dL/dx = [g | g B] · [W; A], or g · W when B is zero; one E5M2 × E4M3 FP8 GEMM.
+        if ctx.needs_input_grad[0]:
+            if ctx.residual:
+                grad_aug = torch.cat([grad_2d, grad_2d @ lora_B.to(grad_2d.dtype)], dim=1)  # (M, out + r)
+                weight_t, scale = weight_t_fp8, weight_scale
+            else:
+                # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
+                weight_t = weight_t_fp8[:, :out_features]
+                scale = weight_scale[:out_features] if weight_scale.numel() > 1 else weight_scale
+                grad_aug = grad_2d
+            grad_x_2d = melded_grad_input(
+                grad_aug, Float8Tensor(weight_t, scale), ctx.act_scaling, ctx.backend, out_dtype=grad_y.dtype
+            )
+            grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t_fp8.shape[0])
+
+        return grad_x, grad_b, None, None, None, None, None, None

@@ -1,0 +1,47 @@
+"""Scaled FP8 GEMM dispatch: ``out = deq(a) @ deq(b)ᵀ`` on the chosen backend.
+
+``b`` is given row-major as ``(N, K)`` (its transpose is the column-major right operand FP8 tensor cores want),
+so weights are passed as stored and the backward passes the stored transposed copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from falqon_lit.config import Backend
+from falqon_lit.quantizer import Float8Tensor
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Backend:
+    """Turn ``auto`` into a concrete backend for ``device``."""
+    if backend == Backend.AUTO:
+        return Backend.TORCH
+    return backend
+
+
+def _row_scale(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A ``(rows, 1)`` float32 scale, expanding a tensor scale if needed."""
+    return scale.float().reshape(-1, 1).expand(rows, 1).contiguous()
+
+
+def fp8_gemm(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype, backend: Backend) -> torch.Tensor:
+    """``deq(a) @ deq(b)ᵀ`` for ``a`` of shape ``(M, K)`` and ``b`` of shape ``(N, K)``.
+
+    Args:
+        a: left operand, scale ``(1,)`` or ``(M, 1)``.
+        b: right operand as rows, scale ``(1,)`` or ``(N, 1)``; ``b.data.stride(1)`` must be 1.
+        out_dtype: dtype of the result.
+        backend: ``torch`` (``torch._scaled_mm``, fp32 accumulation) or ``emulate`` (float64, the oracle).
+
+    Returns:
+        ``(M, N)`` tensor in ``out_dtype``.
+    """
+    if backend == Backend.EMULATE:
+        return (a.dequantize(torch.float64) @ b.dequantize(torch.float64).t()).to(out_dtype)
+    m, n = a.data.shape[0], b.data.shape[0]
+    if a.scale.numel() == 1 and b.scale.numel() == 1:
+        scale_a, scale_b = a.scale.reshape(()).float(), b.scale.reshape(()).float()
+    else:
+        # Row-wise scaling needs both operands row-wise: (M, 1) and (1, N).
+        scale_a, scale_b = _row_scale(a.scale, m), _row_scale(b.scale, n).reshape(1, n)
+    return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)

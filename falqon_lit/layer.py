@@ -1,0 +1,252 @@
+"""``FalqonLinear``: a LoRA adapter melded into an FP8 backbone linear (paper §3).
+
+Stored state (buffers, not Parameters, so no optimizer ever sees them):
+
+- ``weight_fp8`` ``(out + r, in)`` E4M3: the melded ``[W; A]``; ``weight_t_fp8`` ``(in, out + r)`` its row-major
+  transpose for the backward GEMM (rebuilt on load, never saved);
+- ``weight_scale``: ``(1,)`` tensor scale or ``(out + r, 1)`` row scales;
+- ``merge_*`` counters of the row-wise proxy update.
+
+The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, ScaleGranularity
+from falqon_lit.functional import FalqonLinearFunction
+from falqon_lit.gemm import resolve_backend
+from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.proxy import merge_rows, select_rows
+
+# Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
+_DTYPE_FIXED_BUFFERS = ("weight_fp8", "weight_t_fp8", "weight_scale", "merge_magnitude")
+
+
+def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> torch.Tensor:
+    """Initial ``A`` ``(r, in)``: top-r right factor ``sqrt(S_r) V_rᵀ`` of the FP8 error ``W − deq(Q(W))``, or random.
+
+    The SVD choice follows the reference implementation: ``A`` then spans the directions FP8 rounding lost most.
+    """
+    weight = weight_hp.detach().float()
+    if config.init == InitMethod.RANDOM:
+        lora_A = torch.empty(rank, weight.shape[1], device=weight.device)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's LoRA A init
+        return lora_A
+    w_fp8, w_scale = quantize_dynamic(weight, E4M3, config.weight_scaling)
+    error = weight - dequantize(w_fp8, w_scale)  # (out, in)
+    _, s, vh = torch.linalg.svd(error, full_matrices=False)
+    return s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
+
+
+class FalqonLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` running FALQON's melded FP8 forward and backward.
+
+    Args:
+        in_features: input width; a multiple of 16.
+        out_features: output width; a multiple of 16.
+        config: rank, scaling, B policy and backend.
+        bias: keep a (frozen) bias.
+        device: where the buffers live.
+        dtype: dtype of ``lora_B`` and the bias.
+
+    Raises:
+        ValueError: misaligned dimensions or a rank not below ``min(in_features, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: FalqonConfig,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % FP8_GEMM_ALIGNMENT or out_features % FP8_GEMM_ALIGNMENT:
+            raise ValueError(
+                f"FalqonLinear needs in_features and out_features divisible by {FP8_GEMM_ALIGNMENT} for FP8 GEMMs, "
+                f"got ({in_features}, {out_features}); add the layer to 'ignore'"
+            )
+        if config.rank >= min(in_features, out_features):
+            raise ValueError(
+                f"rank must be < min(in_features, out_features) = {min(in_features, out_features)}, got {config.rank}"
+            )
+        self.in_features, self.out_features, self.rank, self.config = in_features, out_features, config.rank, config
+        rows = out_features + config.rank
+        scale_shape = (rows, 1) if config.weight_scaling == ScaleGranularity.ROW else (1,)
+        self.register_buffer("weight_fp8", torch.zeros(rows, in_features, dtype=E4M3, device=device))
+        self.register_buffer(
+            "weight_t_fp8", torch.zeros(in_features, rows, dtype=E4M3, device=device), persistent=False
+        )
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, device=device, dtype=dtype))
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        for name in ("merge_rows", "merge_saturated", "merge_lost", "merge_calls"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("merge_magnitude", torch.zeros((), dtype=torch.float32, device=device))
+        self._b_zero_token: tuple[int, int] | None = None
+        self._mark_b_zero()
+
+    # ----------------------------------------------------------------------------------------------------- build
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: FalqonConfig, name: str = "") -> FalqonLinear:
+        """Quantize ``linear`` into a new ``FalqonLinear`` on the same device.
+
+        Raises:
+            TypeError: non-floating weight.
+            ValueError: non-finite weight, or the dimension/rank problems of the constructor.
+        """
+        weight = linear.weight.detach()
+        where = f" (layer {name!r})" if name else ""
+        if not weight.is_floating_point() or weight.dtype in (E4M3, torch.float8_e5m2):
+            raise TypeError(f"FalqonLinear needs a high-precision floating weight, got {weight.dtype}{where}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"FalqonLinear got a weight with NaN or inf values{where}; fix the checkpoint first")
+        lora_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        try:
+            layer = cls(
+                linear.in_features, linear.out_features, config, linear.bias is not None, weight.device, lora_dtype
+            )
+        except ValueError as err:
+            raise ValueError(f"{err}{where}") from None
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        layer.set_weight(weight, init_lora_A(weight, config.rank, config))
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight_hp: torch.Tensor, lora_A_hp: torch.Tensor) -> None:
+        """Quantize ``[W; A]`` into the FP8 buffers with a fresh scale (tensor or per row)."""
+        melded = torch.cat([weight_hp.float(), lora_A_hp.float()], dim=0)  # (out + r, in)
+        data, scale = quantize_dynamic(melded, E4M3, self.config.weight_scaling)
+        self.weight_fp8.copy_(data)
+        self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+        self._refresh_transpose()
+
+    def _refresh_transpose(self) -> None:
+        self.weight_t_fp8 = self.weight_fp8.t().contiguous()
+
+    # --------------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (W + B A)ᵀ + bias`` with ``W`` and ``A`` in FP8; exact whether or not ``B`` holds a residual."""
+        backend = resolve_backend(self.config.backend, x.device)
+        y = FalqonLinearFunction.apply(
+            x,
+            self.lora_B,
+            self.weight_fp8,
+            self.weight_t_fp8,
+            self.weight_scale,
+            self.config.act_scaling,
+            backend,
+            not self._b_is_zero(),
+        )
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _mark_b_zero(self) -> None:
+        # Tensor version counters bump on every in-place write (optimizer steps included), so this token says
+        # "B has not been written since it was zeroed" without reading B (no host sync in the step).
+        self._b_zero_token = (self.lora_B.data_ptr(), self.lora_B._version)
+
+    def _b_is_zero(self) -> bool:
+        return self._b_zero_token == (self.lora_B.data_ptr(), self.lora_B._version)
+
+    # ------------------------------------------------------------------------------------------ dense views
+    @property
+    def weight_scale_rows(self) -> torch.Tensor:
+        """Scales of the ``W`` rows only: ``(1,)`` or ``(out, 1)`` (the vLLM ``weight_scale`` shape)."""
+        return self.weight_scale if self.weight_scale.numel() == 1 else self.weight_scale[: self.out_features]
+
+    def lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized ``A`` ``(r, in)``."""
+        scale = self.weight_scale if self.weight_scale.numel() == 1 else self.weight_scale[self.out_features :]
+        return dequantize(self.weight_fp8[self.out_features :], scale, dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``deq(W)`` ``(out, in)``, the FP8 backbone weight alone."""
+        return dequantize(self.weight_fp8[: self.out_features], self.weight_scale_rows, dtype)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weight ``deq(W) + B A`` ``(out, in)`` that forward applies."""
+        return self.dequantized_weight(dtype) + self.lora_B.detach().to(dtype) @ self.lora_A(dtype)
+
+    # ------------------------------------------------------------------------------------- row-wise proxy update
+    @torch.no_grad()
+    def proxy_update(self, k: int) -> torch.Tensor:
+        """Merge the ``k`` rows of ``B`` with the largest L1 norm into ``W`` (Alg. 2), then apply the B policy.
+
+        Returns:
+            The merged row indices (device tensor).
+        """
+        if k <= 0:
+            raise ValueError(f"proxy_update needs k > 0, got {k}")
+        rows = select_rows(self.lora_B, k)
+        self._merge(rows)
+        if self.config.b_policy == BPolicy.ZERO:
+            self.lora_B.zero_()
+            self._mark_b_zero()
+        else:
+            self.lora_B.index_fill_(0, rows, 0.0)
+        return rows
+
+    @torch.no_grad()
+    def flush(self) -> int:
+        """Merge every non-zero row of ``B`` and zero ``B``, so the FP8 weight alone is the trained model.
+
+        Returns:
+            The number of rows merged (reads it on the host; call at the end of training, not per step).
+        """
+        rows = (self.lora_B != 0).any(dim=1).nonzero().squeeze(1)
+        if rows.numel():
+            self._merge(rows)
+        self.lora_B.zero_()
+        self._mark_b_zero()
+        return int(rows.numel())
+
+    def _merge(self, rows: torch.Tensor) -> None:
+        row_scaled = self.weight_scale.numel() > 1
+        result = merge_rows(
+            self.weight_fp8.index_select(0, rows),
+            self.weight_scale.index_select(0, rows) if row_scaled else self.weight_scale,
+            self.lora_B.index_select(0, rows),
+            self.lora_A(),
+            self.config.weight_scaling,
+        )
+        # Row scatter into both stored layouts; untouched rows keep every byte.
+        self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))
+        self.weight_t_fp8.view(torch.uint8).index_copy_(1, rows, result.rows_fp8.view(torch.uint8).t())
+        if row_scaled:
+            self.weight_scale.index_copy_(0, rows, result.rows_scale)
+        self.merge_rows += rows.numel()
+        self.merge_saturated += result.saturated
+        self.merge_lost += result.lost
+        self.merge_magnitude += result.magnitude
+        self.merge_calls += 1
+
+    # ------------------------------------------------------------------------------------------ module plumbing
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FalqonLinear:
+        # `fn` may cast floating tensors (`.to(bf16)`, `.half()`): FP8 bytes and float32 scales must only move.
+        fixed = {name: self._buffers.pop(name) for name in _DTYPE_FIXED_BUFFERS}
+        super()._apply(fn, recurse)
+        probe = next(iter(fixed.values()))
+        device = fn(torch.empty(0, dtype=torch.uint8, device=probe.device)).device  # non-float: device change only
+        for name, tensor in fixed.items():
+            self._buffers[name] = tensor.to(device)
+        self._b_zero_token = None  # B may be a new tensor now; assume it is not zero until the next merge
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        self._refresh_transpose()
+        self._b_zero_token = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.short_repr()}"

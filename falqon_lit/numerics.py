@@ -1,0 +1,77 @@
+"""FP8 numerics: pure functions from amax to scale, saturating casts, quantize/dequantize, SQNR.
+
+Conventions, documented once here and used everywhere:
+
+- ``scale`` is the *dequantization multiplier*: ``hp = fp8 * scale`` (the vLLM/compressed-tensors ``weight_scale``
+  convention). Its inverse, if ever needed, is named ``inv_scale``.
+- Suffixes: ``_hp`` high precision (bf16/fp32/fp64), ``_fp8`` FP8 bytes, ``_t`` transposed (row-major copy of the
+  transpose, the column-major operand an FP8 GEMM wants).
+- Scales are float32; a ``tensor`` scale has shape ``(1,)``, a ``row`` scale ``(rows, 1)``.
+- E4M3 (``float8_e4m3fn``, max 448) holds weights and activations, E5M2 (``float8_e5m2``, max 57344) gradients.
+- Adapter parameters start with ``lora_`` so that freezing and filtering work by name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from falqon_lit.config import ScaleGranularity
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_DTYPES = (E4M3, E5M2)
+
+AMAX_EPS = 1e-12
+"""Floor on amax so an all-zero tensor gets a finite, positive scale."""
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an FP8 format."""
+    if dtype not in FP8_DTYPES:
+        raise TypeError(f"expected an FP8 dtype {FP8_DTYPES}, got {dtype}")
+    return float(torch.finfo(dtype).max)
+
+
+def amax(x_hp: torch.Tensor, granularity: ScaleGranularity) -> torch.Tensor:
+    """Absolute maximum per tensor ``(1,)`` or per row ``(rows, 1)`` of a 2-D tensor, in float32."""
+    x_abs = x_hp.detach().abs().float()
+    if granularity == ScaleGranularity.TENSOR:
+        return x_abs.amax().reshape(1)
+    return x_abs.amax(dim=-1, keepdim=True)  # (rows, 1)
+
+
+def amax_to_scale(amax_hp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Current-scaling rule: the scale that maps ``amax`` onto the format's largest finite value."""
+    return (amax_hp.float().clamp(min=AMAX_EPS) / fp8_max(dtype)).float()
+
+
+def saturating_cast(x_scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to FP8, clamping to the finite range first: ``float8_e4m3fn`` has no inf and overflow would give NaN."""
+    limit = fp8_max(dtype)
+    return x_scaled.clamp(-limit, limit).to(dtype)
+
+
+def quantize(x_hp: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 bytes of ``x_hp / scale`` (round to nearest even, saturating)."""
+    # Upcast before dividing: a bf16 quotient would round twice (once to bf16, once to FP8).
+    return saturating_cast(x_hp.float() / scale, dtype)
+
+
+def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x_fp8 * scale`` in ``dtype`` (float64 for the reference emulation)."""
+    return (x_fp8.to(dtype) * scale.to(dtype)).to(dtype)
+
+
+def quantize_dynamic(
+    x_hp: torch.Tensor, dtype: torch.dtype, granularity: ScaleGranularity
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current (dynamic) scaling of a 2-D tensor: returns ``(x_fp8, scale)``."""
+    scale = amax_to_scale(amax(x_hp, granularity), dtype)
+    return quantize(x_hp, scale, dtype), scale
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better; E4M3 round-trips sit near 30 dB)."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp(min=1e-300)))

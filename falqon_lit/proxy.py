@@ -1,0 +1,77 @@
+"""Row-wise proxy update (paper §3.3, Alg. 2) as pure tensor functions: score rows of B, merge rows into FP8 W.
+
+Merging row ``i`` adds ``B[i] · A`` to ``W[i]`` in real units and requantizes only that row: with row scales the
+row gets a fresh scale; with a tensor scale the scale is kept and values are clamped to the FP8 range (counted as
+saturated). Rows whose update is exactly zero keep their bytes, so a merge touches nothing it did not change.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from falqon_lit.config import ScaleGranularity
+from falqon_lit.numerics import E4M3, amax, amax_to_scale, dequantize, fp8_max, quantize
+
+
+class MergeResult(NamedTuple):
+    """New bytes and scales for the merged rows, plus what the merge did (device tensors, no host sync)."""
+
+    rows_fp8: torch.Tensor
+    """``(k, in)`` E4M3 bytes of the merged rows."""
+    rows_scale: torch.Tensor
+    """``(k, 1)`` row scales, or the unchanged ``(1,)`` tensor scale."""
+    saturated: torch.Tensor
+    """Number of merged rows with a value clamped to the FP8 range."""
+    lost: torch.Tensor
+    """Number of non-zero updates that rounding swallowed (the dequantized value did not move)."""
+    magnitude: torch.Tensor
+    """Sum of ``|B[i] · A|`` over the merged rows, in real units."""
+
+
+def row_scores(lora_B: torch.Tensor) -> torch.Tensor:
+    """L1 norm of each row of ``B``: how much merging that row would move ``W``."""
+    return lora_B.detach().float().abs().sum(dim=1)  # (out,)
+
+
+def select_rows(lora_B: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` rows of ``B`` with the largest L1 norm (sorted ascending, on device)."""
+    k = min(k, lora_B.shape[0])
+    return torch.topk(row_scores(lora_B), k, sorted=False).indices.sort().values
+
+
+def merge_rows(
+    rows_fp8: torch.Tensor,
+    rows_scale: torch.Tensor,
+    lora_B_rows: torch.Tensor,
+    lora_A_hp: torch.Tensor,
+    granularity: ScaleGranularity,
+) -> MergeResult:
+    """Merge ``B[rows] · A`` into FP8 rows of ``W``.
+
+    Args:
+        rows_fp8: ``(k, in)`` current E4M3 bytes of the chosen rows.
+        rows_scale: ``(k, 1)`` their row scales, or the ``(1,)`` tensor scale.
+        lora_B_rows: ``(k, r)`` the chosen rows of ``B``.
+        lora_A_hp: ``(r, in)`` dequantized ``A``.
+        granularity: ``row`` requantizes with a fresh per-row scale, ``tensor`` keeps the scale and clamps.
+    """
+    old_hp = dequantize(rows_fp8, rows_scale)  # (k, in) float32
+    delta = lora_B_rows.float() @ lora_A_hp.float()  # (k, in), real units
+    new_hp = old_hp + delta
+    if granularity == ScaleGranularity.ROW:
+        new_scale = amax_to_scale(amax(new_hp, ScaleGranularity.ROW), E4M3)
+        saturated_rows = torch.zeros(new_hp.shape[0], dtype=torch.bool, device=new_hp.device)
+    else:
+        new_scale = rows_scale
+        saturated_rows = (new_hp.abs() / new_scale > fp8_max(E4M3)).any(dim=1)
+    new_fp8 = quantize(new_hp, new_scale, E4M3)
+
+    # A row whose update is exactly zero keeps its bytes and scale (re-rounding it could drift).
+    changed = (delta != 0).any(dim=1, keepdim=True)  # (k, 1)
+    new_fp8 = torch.where(changed, new_fp8.view(torch.uint8), rows_fp8.view(torch.uint8)).view(E4M3)
+    if granularity == ScaleGranularity.ROW:
+        new_scale = torch.where(changed, new_scale, rows_scale)
+    lost = ((delta != 0) & (dequantize(new_fp8, new_scale) == old_hp)).sum()
+    return MergeResult(new_fp8, new_scale, saturated_rows.sum(), lost, delta.abs().sum())

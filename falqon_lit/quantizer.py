@@ -1,0 +1,51 @@
+"""Explicit quantizer objects (as in Transformer Engine): each knows its FP8 format and scale granularity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from falqon_lit.config import GemmRole, ScaleGranularity
+from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
+
+
+class Float8Tensor(NamedTuple):
+    """FP8 bytes and their dequantization scale (``hp = data * scale``)."""
+
+    data: torch.Tensor
+    """FP8 bytes, 2-D."""
+    scale: torch.Tensor
+    """float32, ``(1,)`` for a tensor scale or ``(rows, 1)`` for a row scale."""
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """High-precision values ``data * scale``."""
+        return dequantize(self.data, self.scale, dtype)
+
+
+_ROLE_DTYPE = {GemmRole.INPUT: E4M3, GemmRole.WEIGHT: E4M3, GemmRole.GRAD_OUTPUT: E5M2}
+
+
+@dataclass(frozen=True, slots=True)
+class Float8Quantizer:
+    """Current-scaling quantizer for one GEMM operand role.
+
+    Args:
+        role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision).
+        granularity: one scale per tensor, or one per row (token or output channel).
+    """
+
+    role: GemmRole
+    granularity: ScaleGranularity
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The FP8 format for this role."""
+        return _ROLE_DTYPE[self.role]
+
+    def __call__(self, x_hp: torch.Tensor) -> Float8Tensor:
+        """Quantize a 2-D tensor with a fresh amax (no history, no host sync)."""
+        if x_hp.dim() != 2:
+            raise ValueError(f"Float8Quantizer expects a 2-D tensor, got shape {tuple(x_hp.shape)}")
+        return Float8Tensor(*quantize_dynamic(x_hp, self.dtype, self.granularity))
