@@ -41,7 +41,13 @@ def fp8_gemm(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype, backend: 
     m, n = a.data.shape[0], b.data.shape[0]
     if a.scale.numel() == 1 and b.scale.numel() == 1:
         scale_a, scale_b = a.scale.reshape(()).float(), b.scale.reshape(()).float()
-    else:
-        # Row-wise scaling needs both operands row-wise: (M, 1) and (1, N).
-        scale_a, scale_b = _row_scale(a.scale, m), _row_scale(b.scale, n).reshape(1, n)
+        return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    # Row-wise scaling needs both operands row-wise: (M, 1) and (1, N).
+    scale_a, scale_b = _row_scale(a.scale, m), _row_scale(b.scale, n).reshape(1, n)
+    if a.data.device.type == "cpu":
+        # CPU _scaled_mm takes only tensor scales before torch 2.13: run it unscaled in fp32 (exact products,
+        # fp32 sums) and apply the outer product of the scales after, one fp32 rounding more.
+        one = torch.ones((), dtype=torch.float32)
+        out = torch._scaled_mm(a.data, b.data.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return (out * scale_a * scale_b).to(out_dtype)
     return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)

@@ -1,0 +1,112 @@
+"""Layer benchmark: FALQON forward+backward against its FP8-GEMM floor and the peers' layers (CUDA only).
+
+Usage: python benchmarks/layer_bench.py [--tokens 8192] [--shapes 4096x4096,4096x11008] [--ranks 16,64,256]
+Prints a table and writes JSON (``--json``). Times are medians of CUDA-event-timed repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+from torch import nn
+
+from falqon_lit.config import FalqonConfig, GemmRole, ScaleGranularity
+from falqon_lit.layer import FalqonLinear
+from falqon_lit.quantizer import Float8Quantizer
+
+
+def _time_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    def step():
+        y = module(x)
+        y.backward(grad)
+
+    return step
+
+
+class _LoraBf16(nn.Module):
+    """bf16 LoRA: frozen W, trainable A and B (PEFT's computation)."""
+
+    def __init__(self, linear: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = linear.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(rank, linear.in_features, device="cuda", dtype=torch.bfloat16) * 0.01)
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device="cuda", dtype=torch.bfloat16))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t()
+
+
+def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    row = {}
+    # Floor: the two FP8 GEMMs of the melded layer, operands already quantized.
+    xq = Float8Quantizer(GemmRole.INPUT, ScaleGranularity.TENSOR)(x.detach())
+    wq = Float8Quantizer(GemmRole.WEIGHT, ScaleGranularity.TENSOR)(torch.randn(n + rank, k, device="cuda"))
+    w_t = wq.data.t().contiguous()
+    gq = Float8Quantizer(GemmRole.GRAD_OUTPUT, ScaleGranularity.TENSOR)(grad)
+    one = torch.ones((), device="cuda")
+
+    def floor():
+        torch._scaled_mm(xq.data, wq.data.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        torch._scaled_mm(gq.data, w_t[:, :n].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    row["fp8_gemm_floor"] = _time_ms(floor)
+    row["bf16_linear_frozen"] = _time_ms(_fwd_bwd(linear.requires_grad_(False), x, grad))
+    row["bf16_lora"] = _time_ms(_fwd_bwd(_LoraBf16(linear, rank), x, grad))
+    for ws in ScaleGranularity:
+        for act in ScaleGranularity:
+            cfg = FalqonConfig(rank=rank, weight_scaling=ws, act_scaling=act)
+            layer = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
+            linear.to(torch.bfloat16)
+            row[f"falqon_w{ws.value}_a{act.value}"] = _time_ms(_fwd_bwd(layer, x, grad))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="8192")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008")
+    parser.add_argument("--ranks", default="64")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = []
+    for tokens in map(int, args.tokens.split(",")):
+        for shape in args.shapes.split(","):
+            k, n = map(int, shape.split("x"))
+            for rank in map(int, args.ranks.split(",")):
+                row = bench_shape(tokens, k, n, rank)
+                results.append({"tokens": tokens, "in": k, "out": n, "rank": rank, **row})
+                floor = row["fp8_gemm_floor"]
+                print(f"\n{tokens} tokens, {k}->{n}, r={rank} ({torch.cuda.get_device_name()})")
+                for name, ms in row.items():
+                    print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x floor")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()

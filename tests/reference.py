@@ -1,0 +1,73 @@
+"""Float64 plain-matmul versions of FALQON's algorithms, on the same FP8 bytes the layer stores and produces.
+
+Quantization itself uses ``falqon_lit.numerics`` (tested on its own against hand-built representable values), so
+the reference and the layer see identical FP8 bytes; everything after dequantization is float64 ``@``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from falqon_lit.config import ScaleGranularity
+from falqon_lit.layer import FalqonLinear
+from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
+
+
+def melded_weight(layer: FalqonLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(deq(W), deq(A))`` in float64 from the layer's stored bytes."""
+    n = layer.out_features
+    full = dequantize(layer.weight_fp8, layer.weight_scale, torch.float64)  # (out + r, in)
+    return full[:n], full[n:]
+
+
+def forward(layer: FalqonLinear, x: torch.Tensor) -> torch.Tensor:
+    """Alg. 1 forward: ``deq(Q(x)) (W + B A)ᵀ + bias`` in float64."""
+    w, a = melded_weight(layer)
+    x_2d = x.reshape(-1, x.shape[-1])
+    x_fp8, x_scale = quantize_dynamic(x_2d, E4M3, layer.config.act_scaling)
+    x_hp = dequantize(x_fp8, x_scale, torch.float64)
+    y = x_hp @ w.t() + (x_hp @ a.t()) @ layer.lora_B.detach().double().t()
+    if layer.bias is not None:
+        y = y + layer.bias.detach().double()
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def grad_lora_B(layer: FalqonLinear, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """``gᵀ · O_A`` with ``O_A = deq(Q(x)) deq(A)ᵀ``, float64."""
+    _, a = melded_weight(layer)
+    x_2d = x.reshape(-1, x.shape[-1])
+    x_fp8, x_scale = quantize_dynamic(x_2d, E4M3, layer.config.act_scaling)
+    o_a = dequantize(x_fp8, x_scale, torch.float64) @ a.t()
+    return grad_y.reshape(-1, layer.out_features).double().t() @ o_a
+
+
+def grad_input(layer: FalqonLinear, grad_y: torch.Tensor, residual: bool) -> torch.Tensor:
+    """``deq(Q_e5m2([g | g B] ⊙ s)) · [W_fp8; A_fp8]`` (row scales folded into g), float64 after quantization."""
+    n = layer.out_features
+    g = grad_y.reshape(-1, n)
+    rows = n + layer.rank if residual else n
+    if residual:
+        g = torch.cat([g, g @ layer.lora_B.detach().to(g.dtype)], dim=1)
+    w_fp8 = layer.weight_fp8[:rows].to(torch.float64)
+    if layer.weight_scale.numel() > 1:
+        g = g.float() * layer.weight_scale[:rows].reshape(1, -1)
+        w_scale = torch.ones((), dtype=torch.float64)
+    else:
+        w_scale = layer.weight_scale.double()
+    g_fp8, g_scale = quantize_dynamic(g, E5M2, layer.config.act_scaling)
+    return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_y.shape[:-1], -1)
+
+
+def merge(layer_before: FalqonLinear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alg. 2 for the given rows: ``Q(deq(W[rows]) + B[rows] A)`` with the layer's scale rule; (bytes, scale)."""
+    n = layer_before.out_features
+    _, a = melded_weight(layer_before)
+    row_scaled = layer_before.weight_scale.numel() > 1
+    scale = layer_before.weight_scale[rows] if row_scaled else layer_before.weight_scale
+    w_rows = dequantize(layer_before.weight_fp8[rows], scale, torch.float64)
+    new_hp = (w_rows + layer_before.lora_B.detach()[rows].double() @ a).float()
+    assert rows.max() < n
+    if row_scaled:
+        return quantize_dynamic(new_hp, E4M3, ScaleGranularity.ROW)
+    limit = torch.finfo(E4M3).max
+    return (new_hp / scale).clamp(-limit, limit).to(E4M3), scale

@@ -1,0 +1,153 @@
+"""Row-wise proxy update: exactly the chosen rows change, in both layouts, by B·A in real units."""
+
+from __future__ import annotations
+
+import pytest
+import reference
+import torch
+from fp8_devices import DEVICES
+from torch import nn
+
+from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
+from falqon_lit.layer import FalqonLinear
+from falqon_lit.numerics import E4M3
+from falqon_lit.proxy import row_scores, select_rows
+
+
+def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
+    torch.manual_seed(torch.seed() % 2**31)  # fresh values every run
+    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy)
+    layer = FalqonLinear.from_linear(nn.Linear(64, 96, device=device), config)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, b_std)
+    return layer
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def _e4m3_half_step(value: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of E4M3 values around |value| (normal: 2^(e-3), subnormal: 2^-9)."""
+    exponent = torch.floor(torch.log2(value.abs().clamp(min=2.0**-6)))
+    return 0.5 * torch.pow(2.0, exponent - 3)
+
+
+def test_select_rows_picks_largest_l1_rows():
+    b = torch.zeros(10, 4)
+    b[3] = torch.tensor([1.0, -1.0, 0.0, 0.0])  # L1 2
+    b[7] = torch.tensor([0.0, 0.0, -3.0, 0.0])  # L1 3
+    b[1] = torch.tensor([0.5, 0.0, 0.0, 0.0])  # L1 0.5
+    assert row_scores(b)[7] == 3
+    assert select_rows(b, 2).tolist() == [3, 7]
+    assert select_rows(b, 50).numel() == 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+def test_proxy_update_changes_only_chosen_rows(device, weight_scaling):
+    layer = _layer(device, weight_scaling, BPolicy.ZERO)
+    before_fp8, before_scale = layer.weight_fp8.clone(), layer.weight_scale.clone()
+    expected_rows = select_rows(layer.lora_B, 6)
+    rows = layer.proxy_update(6)
+    assert torch.equal(rows, expected_rows)
+    changed = (_bytes(layer.weight_fp8) != _bytes(before_fp8)).any(dim=1).nonzero().squeeze(1)
+    assert set(changed.tolist()) <= set(rows.tolist())  # a merged row may round back to itself, nothing else moves
+    keep = torch.ones(layer.weight_fp8.shape[0], dtype=torch.bool, device=device)
+    keep[rows] = False
+    assert torch.equal(_bytes(layer.weight_fp8)[keep], _bytes(before_fp8)[keep])  # every other byte identical
+    if weight_scaling == ScaleGranularity.ROW:
+        assert torch.equal(layer.weight_scale[keep], before_scale[keep])
+    else:
+        assert torch.equal(layer.weight_scale, before_scale)
+    assert torch.equal(_bytes(layer.weight_t_fp8), _bytes(layer.weight_fp8.t().contiguous()))  # both layouts
+    assert int(layer.merge_rows) == 6 and int(layer.merge_calls) == 1
+
+
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+def test_proxy_update_merges_b_times_a_in_real_units(weight_scaling):
+    layer = _layer("cpu", weight_scaling, BPolicy.ZERO)
+    snapshot = FalqonLinear.from_linear(nn.Linear(64, 96), layer.config)
+    snapshot.load_state_dict(layer.state_dict())
+    rows = layer.proxy_update(8)
+    ref_fp8, ref_scale = reference.merge(snapshot, rows)
+    got = layer.weight_fp8[rows].float() * (layer.weight_scale[rows] if layer.weight_scale.numel() > 1 else 1)
+    want = ref_fp8.float() * (ref_scale if ref_scale.numel() > 1 else 1)
+    # The layer sums in float32, the reference in float64: a value sitting on a rounding boundary may land one
+    # FP8 step apart; all others are identical bytes.
+    same = _bytes(layer.weight_fp8[rows]) == _bytes(ref_fp8)
+    assert same.float().mean() > 0.99
+    assert torch.all((got - want).abs() <= 2 * _e4m3_half_step(want) + 1e-12)
+
+
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+def test_proxy_update_b_policy_zero_clears_all_of_b(weight_scaling):
+    layer = _layer("cpu", weight_scaling, BPolicy.ZERO)
+    layer.proxy_update(4)
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer._b_is_zero()
+
+
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+def test_proxy_update_b_policy_keep_clears_only_merged_rows_and_stays_exact(weight_scaling):
+    layer = _layer("cpu", weight_scaling, BPolicy.KEEP)
+    b_before = layer.lora_B.detach().clone()
+    rows = layer.proxy_update(4)
+    zeroed = (layer.lora_B == 0).all(dim=1).nonzero().squeeze(1)
+    assert torch.equal(zeroed, rows)
+    others = torch.ones(96, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(layer.lora_B[others], b_before[others])
+    assert not layer._b_is_zero()
+    x = torch.randn(5, 64)
+    assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+@pytest.mark.parametrize("b_policy", list(BPolicy))
+def test_flush_makes_dense_weight_equal_deq_w_plus_ba(weight_scaling, b_policy):
+    layer = _layer("cpu", weight_scaling, b_policy)
+    if b_policy == BPolicy.KEEP:
+        layer.proxy_update(10)  # leave a residual in the other rows
+    dense_before = layer.to_dense(torch.float64)
+    merged = layer.flush()
+    assert merged == 96 - (10 if b_policy == BPolicy.KEEP else 0)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    after = layer.dequantized_weight(torch.float64)
+    # Every element is the FP8 rounding of deq(W) + B A: within half an FP8 step (in real units), or clamped.
+    scale = layer.weight_scale_rows.double()
+    tolerance = _e4m3_half_step(dense_before / scale) * scale * (1 + 1e-6) + 1e-12
+    saturated = (dense_before / scale).abs() > torch.finfo(E4M3).max
+    assert torch.all(((after - dense_before).abs() <= tolerance) | saturated)
+    assert layer.flush() == 0  # idempotent: nothing left to merge
+
+
+def test_proxy_update_counts_saturation_and_updates_lost_to_rounding():
+    torch.manual_seed(21)
+    layer = FalqonLinear.from_linear(nn.Linear(64, 96), FalqonConfig(rank=16))  # tensor scale: clamps on merge
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        layer.lora_B[0] = 1e6  # pushes row 0 far past the FP8 range of the kept tensor scale
+        layer.lora_B[1] = 1e-12  # far below half an FP8 step: every non-zero update of row 1 is lost
+    layer.proxy_update(2)
+    assert int(layer.merge_saturated) == 1
+    nonzero_updates_row1 = int((layer.lora_A().abs().sum(dim=0) > 0).sum())
+    assert int(layer.merge_lost) >= nonzero_updates_row1 > 0
+
+
+def test_proxy_update_rejects_non_positive_k():
+    layer = _layer("cpu", ScaleGranularity.TENSOR, BPolicy.ZERO)
+    with pytest.raises(ValueError, match="k > 0"):
+        layer.proxy_update(0)
+
+
+def test_optimizer_step_on_b_turns_the_residual_back_on():
+    layer = _layer("cpu", ScaleGranularity.TENSOR, BPolicy.ZERO)
+    layer.proxy_update(4)
+    x = torch.randn(4, 64)
+    y_zero = layer(x)
+    opt = torch.optim.SGD([layer.lora_B], lr=1.0)
+    layer(x).sum().backward()
+    opt.step()  # in-place write: B is no longer known to be zero
+    assert not layer._b_is_zero()
+    assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(layer(x), y_zero)
