@@ -32,7 +32,8 @@ def melded_forward(
     """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
     x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling)(x_2d)
     out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
-    # Copy O_A out of the GEMM output so saving it for backward does not keep the whole (M, out + r) alive.
+    # O stays a strided view (no copy of the big output); O_A is copied out (small) so that saving it for
+    # backward does not keep the whole (M, out + r) buffer alive after O is gone.
     return out[:, :out_features], out[:, out_features:].clone()
 
 
@@ -48,11 +49,10 @@ def melded_grad_input(
     A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
     gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
     """
-    scale = weight_t.scale
+    scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
-        grad_2d = grad_2d.float() * scale.reshape(1, -1)  # (M, K)
-        scale = torch.ones(1, dtype=torch.float32, device=grad_2d.device)
-    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling)(grad_2d)
+        col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
+    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling)(grad_2d, col_scale)
     return fp8_gemm(grad_fp8, Float8Tensor(weight_t.data, scale), out_dtype=out_dtype, backend=backend)
 
 
@@ -75,7 +75,7 @@ class FalqonLinearFunction(torch.autograd.Function):
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
         o, o_a = melded_forward(x_2d, Float8Tensor(weight_fp8, weight_scale), out_features, act_scaling, backend)
         # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
-        y = torch.addmm(o, o_a, lora_B.t().to(o.dtype)) if residual else o.contiguous()
+        y = torch.addmm(o, o_a, lora_B.t().to(o.dtype)) if residual else o
         ctx.save_for_backward(o_a, lora_B, weight_t_fp8, weight_scale)
         ctx.act_scaling, ctx.backend, ctx.residual = act_scaling, backend, residual
         return y.reshape(*x.shape[:-1], out_features)

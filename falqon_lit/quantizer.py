@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from falqon_lit import kernels
 from falqon_lit.config import GemmRole, ScaleGranularity
 from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
 
@@ -44,8 +45,15 @@ class Float8Quantizer:
         """The FP8 format for this role."""
         return _ROLE_DTYPE[self.role]
 
-    def __call__(self, x_hp: torch.Tensor) -> Float8Tensor:
-        """Quantize a 2-D tensor with a fresh amax (no history, no host sync)."""
+    def __call__(self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None) -> Float8Tensor:
+        """Quantize a 2-D tensor (times an optional per-column float32 multiplier) with a fresh amax.
+
+        On CUDA this runs the fused Triton kernels (no host sync); elsewhere the eager reference path.
+        """
         if x_hp.dim() != 2:
             raise ValueError(f"Float8Quantizer expects a 2-D tensor, got shape {tuple(x_hp.shape)}")
+        if kernels.available(x_hp):
+            return Float8Tensor(*kernels.quantize_fused(x_hp, self.dtype, self.granularity, col_scale))
+        if col_scale is not None:
+            x_hp = x_hp.float() * col_scale.reshape(1, -1)
         return Float8Tensor(*quantize_dynamic(x_hp, self.dtype, self.granularity))
