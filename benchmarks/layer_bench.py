@@ -36,6 +36,7 @@ def _time_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     def step():
+        x.grad = None  # a real network passes grad_x on; do not time a leaf's gradient accumulation
         y = module(x)
         y.backward(grad)
 

@@ -105,12 +105,22 @@ def quantize_fused(
     if granularity == ScaleGranularity.ROW:
         scale = torch.empty(rows, 1, dtype=torch.float32, device=x_hp.device)
         block = min(triton.next_power_of_2(cols), 8192)
-        _row_quant_kernel[(rows,)](x_hp, col, out, scale, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block)
+        _row_quant_kernel[(rows,)](
+            x_hp, col, out, scale, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block, num_warps=_warps(block)
+        )
         return out, scale
-    amax = torch.zeros(1, dtype=torch.float32, device=x_hp.device)
-    scale = torch.empty(1, dtype=torch.float32, device=x_hp.device)
+    amax_and_scale = torch.zeros(2, dtype=torch.float32, device=x_hp.device)  # one allocation for both scalars
+    amax, scale = amax_and_scale[:1], amax_and_scale[1:]
     block = min(triton.next_power_of_2(cols), 4096)
     grid = (rows, triton.cdiv(cols, block))
-    _amax_kernel[grid](x_hp, col, amax, rows, cols, x_hp.stride(0), has_col, block)
-    _cast_kernel[grid](x_hp, col, amax, out, scale, rows, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block)
+    warps = _warps(block)
+    _amax_kernel[grid](x_hp, col, amax, rows, cols, x_hp.stride(0), has_col, block, num_warps=warps)
+    _cast_kernel[grid](
+        x_hp, col, amax, out, scale, rows, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block, num_warps=warps
+    )
     return out, scale
+
+
+def _warps(block: int) -> int:
+    # 8 warps keep enough loads in flight for 4096-wide rows; small rows do not need them.
+    return 8 if block >= 2048 else 4

@@ -156,6 +156,12 @@ class FalqonLinear(nn.Module):
         # "B has not been written since it was zeroed" without reading B (no host sync in the step).
         self._b_zero_token = (self.lora_B.data_ptr(), self.lora_B._version)
 
+    def _recheck_b_zero(self) -> None:
+        # After a move or a load the token is stale; one read of B (outside the step) decides which path runs.
+        self._b_zero_token = None
+        if self.lora_B.device.type != "meta" and not bool(self.lora_B.detach().any()):
+            self._mark_b_zero()
+
     def _b_is_zero(self) -> bool:
         return self._b_zero_token == (self.lora_B.data_ptr(), self.lora_B._version)
 
@@ -240,13 +246,13 @@ class FalqonLinear(nn.Module):
         device = fn(torch.empty(0, dtype=torch.uint8, device=probe.device)).device  # non-float: device change only
         for name, tensor in fixed.items():
             self._buffers[name] = tensor.to(device)
-        self._b_zero_token = None  # B may be a new tensor now; assume it is not zero until the next merge
+        self._recheck_b_zero()  # B may be a new tensor now
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
         self._refresh_transpose()
-        self._b_zero_token = None
+        self._recheck_b_zero()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.short_repr()}"
