@@ -1,1 +1,7 @@
 """Lightning callbacks for FALQON training."""
+
+from falqon_lit.callbacks.proxy_update import RowwiseProxyUpdate
+from falqon_lit.callbacks.quant_stats import QuantStats
+from falqon_lit.callbacks.summary import FitSummary
+
+__all__ = ["FitSummary", "QuantStats", "RowwiseProxyUpdate"]

@@ -109,8 +109,9 @@ def quantize_fused(
             x_hp, col, out, scale, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block, num_warps=_warps(block)
         )
         return out, scale
-    amax_and_scale = torch.zeros(2, dtype=torch.float32, device=x_hp.device)  # one allocation for both scalars
-    amax, scale = amax_and_scale[:1], amax_and_scale[1:]
+    # One allocation for both scalars; cuBLAS wants the scale 16-byte aligned, so amax sits 4 floats later.
+    scale_and_amax = torch.zeros(8, dtype=torch.float32, device=x_hp.device)
+    scale, amax = scale_and_amax[:1], scale_and_amax[4:5]
     block = min(triton.next_power_of_2(cols), 4096)
     grid = (rows, triton.cdiv(cols, block))
     warps = _warps(block)
