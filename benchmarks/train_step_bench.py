@@ -54,18 +54,18 @@ def run_variant(args: argparse.Namespace) -> dict:
     proxy_ms: list[float] = []
     if args.variant.startswith("falqon"):
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
+        from falqon_lit.proxy_graph import ProxyUpdater
 
         scaling = args.variant.split("-")[1]
         # Random A init: the speed does not depend on it, and 224 SVDs of 4096x11008 would dominate setup.
         cfg = FalqonConfig(rank=args.rank, weight_scaling=scaling, act_scaling="tensor", init="random")
         convert_model(model, cfg)
-        layers = list(falqon_layers(model).values())
+        updater = ProxyUpdater(list(falqon_layers(model).values()), use_cuda_graph=not args.no_graph)
 
         def after_step() -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for layer in layers:
-                layer.proxy_update(args.rank)
+            updater(args.rank)  # k = r rows per layer per step, as the reference implementation
             torch.cuda.synchronize()
             proxy_ms.append((time.perf_counter() - t0) * 1e3)
     else:
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-graph", action="store_true", help="update layers one by one (no CUDA graph)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--child-ckpt", type=int, dest="child_ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,6 +141,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", variant, "--child-ckpt", str(int(ckpt == "on"))]
             cmd += ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
             cmd += ["--rank", str(args.rank), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            cmd += ["--no-graph"] if args.no_graph else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
