@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from falqon_lit import merge_kernel
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, ScaleGranularity
 from falqon_lit.functional import FalqonLinearFunction
 from falqon_lit.gemm import resolve_backend
@@ -218,6 +219,16 @@ class FalqonLinear(nn.Module):
         return int(rows.numel())
 
     def _merge(self, rows: torch.Tensor) -> None:
+        self.merge_rows += rows.numel()
+        self.merge_calls += 1
+        if merge_kernel.available(self.weight_fp8):
+            stats = merge_kernel.merge_rows_fused(
+                rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features
+            )
+            self.merge_saturated += stats[0].long()
+            self.merge_lost += stats[1].long()
+            self.merge_magnitude += stats[2]
+            return
         row_scaled = self.weight_scale.numel() > 1
         result = merge_rows(
             self.weight_fp8.index_select(0, rows),
@@ -231,11 +242,9 @@ class FalqonLinear(nn.Module):
         self.weight_t_fp8.view(torch.uint8).index_copy_(1, rows, result.rows_fp8.view(torch.uint8).t())
         if row_scaled:
             self.weight_scale.index_copy_(0, rows, result.rows_scale)
-        self.merge_rows += rows.numel()
         self.merge_saturated += result.saturated
         self.merge_lost += result.lost
         self.merge_magnitude += result.magnitude
-        self.merge_calls += 1
 
     # ------------------------------------------------------------------------------------------ module plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FalqonLinear:
