@@ -30,6 +30,7 @@ def test_merge_rows_fused_matches_eager_merge(granularity, out_f, in_f, rank):
     lora_b[5] = 1e-9  # one tiny row: every update lost to rounding
     rows = torch.unique(torch.cat([select_rows(lora_b, 8), torch.tensor([3, 5], device="cuda")]))
     row_scaled = w_scale.numel() > 1
+    w_before, w_scale_before = w_fp8.clone(), w_scale.clone()
     a_hp = dequantize(w_fp8[out_f:], w_scale[out_f:] if row_scaled else w_scale)
     eager = merge_rows(w_fp8[rows], w_scale[rows] if row_scaled else w_scale, lora_b[rows], a_hp, granularity)
 
@@ -48,8 +49,13 @@ def test_merge_rows_fused_matches_eager_merge(granularity, out_f, in_f, rank):
     assert torch.equal(w_t[:, rows].t().contiguous().view(torch.uint8), got.view(torch.uint8))  # both layouts
     untouched = torch.ones(out_f + rank, dtype=torch.bool, device="cuda")
     untouched[rows] = False
-    w_before, _ = quantize_dynamic(melded, E4M3, granularity)
     assert torch.equal(w_fp8[untouched].view(torch.uint8), w_before[untouched].view(torch.uint8))
     assert int(stats[0]) == int(eager.saturated)
-    assert abs(int(stats[1]) - int(eager.lost)) <= 0.01 * in_f * rows.numel() + 1
+    # "Lost" = a non-zero update whose dequantized value did not move, judged on the fused result itself (the
+    # eager merge can differ where a fresh row scale moved by one ulp).
+    old_scale = w_scale_before[rows] if row_scaled else w_scale_before
+    old_hp = dequantize(w_before[rows], old_scale)
+    new_hp = dequantize(got, w_scale[rows] if row_scaled else w_scale)
+    nonzero_update = (lora_b[rows].double() @ a_hp.double()) != 0
+    assert int(stats[1]) == int((nonzero_update & (new_hp == old_hp)).sum())
     assert torch.allclose(stats[2], eager.magnitude, rtol=1e-4)
