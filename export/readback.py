@@ -1,0 +1,227 @@
+"""Load what was written with the runtime that serves it, and check it against the in-memory trained model.
+
+- ``vllm``: the FP8 bytes in the safetensors equal the trained bytes; transformers + compressed-tensors loads the
+  folder on CPU and runs it (compressed-tensors decompresses ``weight · weight_scale`` on the first forward and
+  fake-quantizes each targeted layer's input with the scheme's dynamic FP8 ``input_activations``, so the CPU run has
+  the trainer's numerics); vLLM itself generates greedily where it is installed with a CUDA GPU.
+- ``onnx``: the ``FLOAT8E4M3FN`` initializers equal the trained bytes; onnxruntime's CPU provider runs the graph.
+- ``hf``: the dense weights equal ``deq(W)`` in the export dtype; transformers runs the folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from falqon_lit.convert import falqon_layers
+
+from .hf_folder import high_precision_state_dict
+from .onnx_graph import ONNX_FILE
+from .verify import Candidate, Sample, Tolerance, VerifyResult, activation_noise, compare
+
+NOISE_FACTOR = 1.5
+"""Allowed logit error, in units of the model's own FP8 activation-rounding noise (see ``fp8_tolerance``)."""
+MIN_AGREEMENT = 0.9
+"""Allowed fraction of greedy positions whose argmax agrees with the trainer's."""
+
+
+def fp8_tolerance(samples: Sequence[Sample], extra: str = "") -> Tolerance:
+    """Tolerance for a runtime that is not bitwise torch's, stated against the activation-rounding noise.
+
+    FP8 activation rounding is discontinuous: a runtime whose float32 arithmetic differs from torch's by one ulp
+    (another summation order, another ``exp``) flips the FP8 rounding of single activations, and through the layers
+    that moves the logits by up to the size of the activation-quantization noise itself. Measured on SmolLM2-135M:
+    a 1e-6 relative perturbation of the embeddings moves the FP8 model's logits by 14 % (max relative), while it
+    moves the float model's by ~1e-6. So the bound is ``NOISE_FACTOR`` × that noise (float activations vs FP8
+    activations on the same weights, measured on the same prompts); broken weights, scales or axes land far outside.
+    """
+    noise = activation_noise(samples)
+    return Tolerance(
+        max(NOISE_FACTOR * noise, 1e-3),
+        MIN_AGREEMENT,
+        f"FP8 activation rounding amplifies 1-ulp float32 differences between runtimes up to the activation "
+        f"quantization noise, here {noise:.2e} (same weights, float vs FP8 activations); allowed {NOISE_FACTOR}x "
+        f"that, and argmax flips only at near-tied positions{extra}",
+    )
+
+
+def hp_rounding(model: nn.Module, dtype: torch.dtype) -> float:
+    """Largest relative change ``max|t − dtype(t)| / max|t|`` of the exported high-precision tensors."""
+    worst = 0.0
+    for tensor in high_precision_state_dict(model, torch.float32).values():
+        if tensor.is_floating_point() and tensor.numel():
+            worst = max(
+                worst, float((tensor - tensor.to(dtype).float()).abs().max() / tensor.abs().max().clamp(min=1e-30))
+            )
+    return worst
+
+
+def _rounding_note(model: nn.Module, dtype: torch.dtype) -> str:
+    rounding = hp_rounding(model, dtype)
+    if not rounding:
+        return ""
+    name = str(dtype).removeprefix("torch.")
+    return f"; embeddings/norms/lm_head rounded to {name} (max relative change {rounding:.1e})"
+
+
+# ------------------------------------------------------------------------------------------------------------ vllm
+def _stored_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every ``*.weight`` tensor of the folder's safetensors files."""
+    stored = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight")})
+    return stored
+
+
+def vllm_bytes_identical(folder: Path, model: nn.Module) -> tuple[int, int]:
+    """``(layers whose safetensors ``weight`` bytes equal the trained FP8 bytes, FP8 layers)``."""
+    stored = _stored_weights(folder)
+    layers = falqon_layers(model)
+    same = 0
+    for name, layer in layers.items():
+        got = stored.get(f"{name}.weight")
+        want = layer.weight_fp8[: layer.out_features].detach().cpu()
+        same += (
+            got is not None and got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        )
+    return same, len(layers)
+
+
+def transformers_candidate(folder: Path) -> Candidate:
+    """Load a folder with transformers (compressed-tensors for quantized ones) in float32 on CPU.
+
+    float32 keeps ``weight_scale`` exact: transformers would otherwise cast it to the model dtype (bf16).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, use_cache=False).logits
+
+    return run
+
+
+def verify_vllm_folder(
+    folder: Path, model: nn.Module, samples: Sequence[Sample], dtype: torch.dtype
+) -> list[VerifyResult]:
+    """transformers + compressed-tensors on CPU (gating), then vLLM where it can run."""
+    result = compare(
+        samples,
+        transformers_candidate(folder),
+        "transformers + compressed-tensors (CPU)",
+        fp8_tolerance(samples, _rounding_note(model, dtype)),
+    )
+    result.bytes_identical = vllm_bytes_identical(folder, model)
+    return [result, vllm_engine_check(folder, samples)]
+
+
+def vllm_engine_check(folder: Path, samples: Sequence[Sample]) -> VerifyResult:
+    """Greedy generation through ``vllm.LLM`` compared token by token (prefix) with the reference's greedy tokens."""
+    tolerance = Tolerance(
+        math.inf,
+        0.75,
+        "vLLM computes in bf16 between layers and quantizes dynamic FP8 inputs per token (its W8A8 FP8 path), so "
+        "near-tied tokens may flip; agreement counts matching greedy prefixes",
+    )
+    result = VerifyResult("vLLM", tolerance)
+    if importlib.util.find_spec("vllm") is None:
+        result.skipped = "vLLM is not installed (pip install 'falqon-lit[vllm]' on a CUDA host)"
+        return result
+    if not torch.cuda.is_available():
+        result.skipped = "vLLM needs a CUDA GPU; none is visible"
+        return result
+    from vllm import LLM, SamplingParams
+
+    new_tokens = samples[0].input_ids.shape[1] - samples[0].prompt_len
+    llm = LLM(model=str(folder), enforce_eager=True, gpu_memory_utilization=0.4, max_model_len=512)
+    prompts = [{"prompt_token_ids": s.input_ids[0, : s.prompt_len].tolist()} for s in samples]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens))
+    matched = identical = 0
+    for sample, output in zip(samples, outputs, strict=True):
+        want = sample.input_ids[0, sample.prompt_len :].tolist()
+        got = list(output.outputs[0].token_ids)
+        prefix = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
+        matched += prefix
+        identical += prefix == len(want)
+    result.token_agreement = matched / (len(samples) * new_tokens)
+    result.prompts_identical, result.prompts = identical, len(samples)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ onnx
+def onnx_bytes_identical(folder: Path, model: nn.Module) -> tuple[int, int]:
+    """``(layers whose FLOAT8E4M3FN initializer bytes equal the trained FP8 bytes, FP8 layers)``."""
+    graph = onnx.load(str(folder / ONNX_FILE)).graph
+    inits = {i.name: i for i in graph.initializer}
+    layers = falqon_layers(model)
+    same = 0
+    for name, layer in layers.items():
+        init = inits.get(f"{name}.weight_fp8")
+        want = layer.weight_fp8[: layer.out_features].detach().cpu().view(torch.uint8).numpy()
+        if init is None or init.data_type != onnx.TensorProto.FLOAT8E4M3FN or list(init.dims) != list(want.shape):
+            continue
+        same += np.frombuffer(init.raw_data, dtype=np.uint8).tobytes() == want.tobytes()
+    return same, len(layers)
+
+
+def onnxruntime_candidate(folder: Path) -> Candidate:
+    """An onnxruntime CPU session over ``model.onnx``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+
+    def run(input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.numpy().astype(np.int64)
+        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        return torch.from_numpy(logits)
+
+    return run
+
+
+def verify_onnx_folder(
+    folder: Path, model: nn.Module, samples: Sequence[Sample], activations: str
+) -> list[VerifyResult]:
+    """onnxruntime (CPU) against the reference, plus the FP8 initializer bytes."""
+    extra = "" if activations == "fp8" else "; weight-only graph: activations stay float32 (the trainer rounds them)"
+    tolerance = fp8_tolerance(samples, extra)
+    result = compare(samples, onnxruntime_candidate(folder), "onnxruntime (CPU)", tolerance)
+    result.bytes_identical = onnx_bytes_identical(folder, model)
+    return [result]
+
+
+# -------------------------------------------------------------------------------------------------------------- hf
+def hf_weights_identical(folder: Path, model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """``(layers whose dense weight equals deq(W) cast to dtype, FALQON layers)``."""
+    stored = _stored_weights(folder)
+    layers = falqon_layers(model)
+    same = sum(
+        torch.equal(stored.get(f"{n}.weight", torch.empty(0)), m.dequantized_weight(torch.float32).cpu().to(dtype))
+        for n, m in layers.items()
+    )
+    return same, len(layers)
+
+
+def verify_hf_folder(
+    folder: Path, model: nn.Module, samples: Sequence[Sample], dtype: torch.dtype
+) -> list[VerifyResult]:
+    """transformers (CPU) on the dequantized folder."""
+    tolerance = fp8_tolerance(
+        samples, "; dense folder: activations stay float32 (the trainer rounds them)" + _rounding_note(model, dtype)
+    )
+    result = compare(samples, transformers_candidate(folder), "transformers, dequantized (CPU)", tolerance)
+    result.bytes_identical = hf_weights_identical(folder, model, dtype)
+    result.notes.append(
+        f"weights column: dense weights bitwise equal to deq(W) cast to {str(dtype).removeprefix('torch.')}"
+    )
+    return [result]

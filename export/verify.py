@@ -1,0 +1,247 @@
+"""Read-back verification: exported artefact vs the trainer's own FP8 forward, on fixed prompts.
+
+Reference: the in-memory model (already flushed, so ``W`` alone is the trained model) run through its
+``FalqonLinear`` forward (``torch._scaled_mm``, dynamic FP8 activations) with the high-precision rest upcast to
+float32, so that bf16 arithmetic noise is not mistaken for an export error. For each prompt the reference greedily
+generates ``new_tokens`` tokens; the candidate then scores the same sequence in one forward (teacher forcing). Token
+agreement is the fraction of those positions where the candidate's argmax equals the reference's (by induction,
+100 % means the candidate's own greedy decoding produces the same tokens).
+
+Metrics per prompt: ``max|c − r| / max|r|`` and ``mean|c − r| / mean|r|`` over all positions and the vocabulary; the
+report takes the worst (max) and the average (mean) over prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from falqon_lit.convert import falqon_layers
+
+from .standin import ActivationMode, dequantized_view
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "In 1969, the first person to walk on the Moon was",
+    "The quick brown fox jumps over",
+    "A healthy breakfast usually includes",
+    "Machine learning is a field of study that",
+)
+"""Fixed verification prompts (10; the tests ask for at least 8 with identical greedy tokens)."""
+
+Candidate = Callable[[torch.Tensor], torch.Tensor]
+"""``input_ids (1, T) int64 -> logits (1, T, V)``."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria of one verification, with the reason for the numbers."""
+
+    max_rel_err: float
+    """Largest allowed ``max|c − r| / max|r|`` over prompts."""
+    min_token_agreement: float
+    """Smallest allowed fraction of greedy positions where the argmax agrees."""
+    reason: str
+    """Why these numbers (what differs numerically between artefact and reference)."""
+
+
+@dataclass
+class Sample:
+    """One prompt's reference: the greedy sequence and the reference logits over it."""
+
+    input_ids: torch.Tensor
+    """``(1, T)``: prompt then the reference's greedy tokens."""
+    prompt_len: int
+    logits: torch.Tensor
+    """``(T, V)`` float32."""
+    logits_float_act: torch.Tensor | None = None
+    """``(T, V)``: the same FP8 weights with float32 activations (no FP8 rounding): the noise-floor probe."""
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of comparing one runtime's output with the reference."""
+
+    backend: str
+    """What ran the artefact (``transformers + compressed-tensors (CPU)``, ``onnxruntime (CPU)``, ``vLLM``)."""
+    tolerance: Tolerance
+    max_rel_err: float = float("nan")
+    mean_rel_err: float = float("nan")
+    token_agreement: float = float("nan")
+    prompts_identical: int = 0
+    prompts: int = 0
+    bytes_identical: tuple[int, int] | None = None
+    """``(layers whose stored weight is bitwise what it must be, layers)``: the trained FP8 bytes (vllm, onnx) or
+    ``deq(W)`` in the export dtype (hf)."""
+    skipped: str | None = None
+    """Why this check did not run (e.g. vLLM not installed); a skipped check passes."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        if self.skipped:
+            return True
+        # A metric the runtime cannot give (vLLM returns tokens, not logits) is NaN and not judged.
+        ok = not self.max_rel_err > self.tolerance.max_rel_err
+        ok = ok and not self.token_agreement < self.tolerance.min_token_agreement
+        if self.bytes_identical is not None:
+            ok = ok and self.bytes_identical[0] == self.bytes_identical[1]
+        return ok
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-safe summary (for the manifest and the CLI's ``--json``)."""
+        return {
+            "backend": self.backend,
+            "passed": self.passed,
+            "skipped": self.skipped,
+            "max_rel_err": self.max_rel_err,
+            "mean_rel_err": self.mean_rel_err,
+            "token_agreement": self.token_agreement,
+            "prompts_identical": self.prompts_identical,
+            "prompts": self.prompts,
+            "bytes_identical": list(self.bytes_identical) if self.bytes_identical else None,
+            "tolerance": {
+                "max_rel_err": self.tolerance.max_rel_err,
+                "min_token_agreement": self.tolerance.min_token_agreement,
+                "reason": self.tolerance.reason,
+            },
+            "notes": self.notes,
+        }
+
+
+class _Float32View:
+    """Run the model with its non-FP8 floating tensors upcast to float32; restored exactly on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.dtypes: dict[int, torch.dtype] = {}
+
+    def __enter__(self) -> nn.Module:
+        fp8_owned = {id(t) for layer in falqon_layers(self.model).values() for t in layer.buffers()}
+        self.tensors = [t for t in [*self.model.parameters(), *self.model.buffers()] if id(t) not in fp8_owned]
+        for tensor in self.tensors:
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                self.dtypes[id(tensor)] = tensor.dtype
+                tensor.data = tensor.data.float()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for tensor in self.tensors:
+            if id(tensor) in self.dtypes:
+                tensor.data = tensor.data.to(self.dtypes[id(tensor)])
+
+
+def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """Token ids ``(1, T)`` of each prompt (no padding: each prompt runs alone)."""
+    return [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.long) for p in prompts]
+
+
+@torch.no_grad()
+def reference_samples(model: nn.Module, prompt_ids: Sequence[torch.Tensor], new_tokens: int = 8) -> list[Sample]:
+    """Greedy-decode each prompt with the trainer's FP8 forward (float32 elsewhere) and keep the logits.
+
+    Also scores each sequence with the FP8 weights but float32 activations, to measure the activation-rounding
+    noise (:func:`activation_noise`).
+    """
+    samples = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with _Float32View(model):
+        for ids in prompt_ids:
+            ids = ids.to(device)
+            for _ in range(new_tokens):
+                next_id = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, next_id], dim=1)
+            logits = model(input_ids=ids, use_cache=False).logits[0].float().cpu()
+            samples.append(Sample(ids.cpu(), ids.shape[1] - new_tokens, logits))
+    with dequantized_view(model, ActivationMode.FLOAT):
+        for sample in samples:
+            sample.logits_float_act = model(input_ids=sample.input_ids.to(device), use_cache=False).logits[0].cpu()
+    model.train(was_training)
+    return samples
+
+
+def activation_noise(samples: Sequence[Sample]) -> float:
+    """``max|float-activation logits − FP8 logits| / max|FP8 logits|`` over prompts: what FP8 activation rounding
+    alone does to this model's logits."""
+    return max(
+        float((s.logits_float_act - s.logits).abs().max() / s.logits.abs().max().clamp(min=1e-30))
+        for s in samples
+        if s.logits_float_act is not None
+    )
+
+
+@torch.no_grad()
+def compare(samples: Sequence[Sample], candidate: Candidate, backend: str, tolerance: Tolerance) -> VerifyResult:
+    """Score every reference sequence with ``candidate`` and fill in the error and agreement metrics."""
+    max_errs, mean_errs, agree, total, identical = [], [], 0, 0, 0
+    for sample in samples:
+        got = candidate(sample.input_ids)[0].float().cpu()  # (T, V)
+        ref = sample.logits
+        diff = (got - ref).abs()
+        max_errs.append(float(diff.max() / ref.abs().max().clamp(min=1e-30)))
+        mean_errs.append(float(diff.mean() / ref.abs().mean().clamp(min=1e-30)))
+        positions = slice(sample.prompt_len - 1, None)  # every position that predicts a generated token (+ the next)
+        same = got[positions].argmax(-1) == ref[positions].argmax(-1)
+        agree += int(same.sum())
+        total += same.numel()
+        identical += bool(same.all())
+    return VerifyResult(
+        backend=backend,
+        tolerance=tolerance,
+        max_rel_err=max(max_errs),
+        mean_rel_err=sum(mean_errs) / len(mean_errs),
+        token_agreement=agree / max(total, 1),
+        prompts_identical=identical,
+        prompts=len(samples),
+    )
+
+
+def print_report(results: Sequence[VerifyResult], console: object | None = None) -> None:
+    """Rich table of the verification results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    table = Table(title="falqon-export verification (vs the trainer's FP8 forward)")
+    for column in (
+        "runtime",
+        "max rel err",
+        "mean rel err",
+        "greedy agreement",
+        "weights bitwise",
+        "tolerance",
+        "result",
+    ):
+        table.add_column(column)
+    for r in results:
+        if r.skipped:
+            table.add_row(r.backend, "-", "-", "-", "-", "-", "[yellow]skipped[/]")
+            continue
+        bytes_cell = "-" if r.bytes_identical is None else f"{r.bytes_identical[0]}/{r.bytes_identical[1]} layers"
+        table.add_row(
+            r.backend,
+            f"{r.max_rel_err:.2e}",
+            f"{r.mean_rel_err:.2e}",
+            f"{r.token_agreement:.1%} ({r.prompts_identical}/{r.prompts} prompts)",
+            bytes_cell,
+            f"≤ {r.tolerance.max_rel_err:.0e}, ≥ {r.tolerance.min_token_agreement:.0%}",
+            "[green]pass[/]" if r.passed else "[red]FAIL[/]",
+        )
+    console.print(table)
+    for r in results:
+        if r.skipped:
+            console.print(f"[yellow]{r.backend} skipped[/]: {r.skipped}")
+        else:
+            console.print(f"[dim]{r.backend}: tolerance because {r.tolerance.reason}[/]")
+        for note in r.notes:
+            console.print(f"[dim]{r.backend}: {note}[/]")

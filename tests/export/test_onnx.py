@@ -1,0 +1,76 @@
+"""onnx target: FP8 initializers → DequantizeLinear → MatMul, run by onnxruntime's CPU provider."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from falqon_lit.export import ExportError, ExportOptions, check_manifest, export_model
+from falqon_lit.export.verify import DEFAULT_PROMPTS
+from onnx import TensorProto
+
+from falqon_lit import falqon_layers
+
+
+def _graph(folder):
+    return onnx.load(str(folder / "model.onnx"))
+
+
+def test_onnx_export_holds_trained_fp8_bytes_and_matches_trainer(tiny, tmp_path):
+    model, tokenizer, granularity = tiny
+    report = export_model(model, tokenizer, "onnx", tmp_path / "onnx")
+    graph_model = _graph(tmp_path / "onnx")
+    assert max(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    inits = {i.name: i for i in graph_model.graph.initializer}
+    dq_nodes = {n.name: n for n in graph_model.graph.node if n.op_type == "DequantizeLinear"}
+    layers = falqon_layers(model)
+    assert len(dq_nodes) == len(layers)
+    for name, layer in layers.items():
+        init = inits[f"{name}.weight_fp8"]
+        assert init.data_type == TensorProto.FLOAT8E4M3FN and list(init.dims) == [layer.out_features, layer.in_features]
+        want = layer.weight_fp8[: layer.out_features].view(torch.uint8).numpy()
+        assert np.frombuffer(init.raw_data, dtype=np.uint8).tobytes() == want.tobytes()
+        scale = onnx.numpy_helper.to_array(inits[f"{name}.weight_scale"])
+        assert np.array_equal(scale.reshape(-1), layer.weight_scale_rows.reshape(-1).numpy())
+        axis = [a.i for a in dq_nodes[f"{name}/dq"].attribute if a.name == "axis"]
+        assert axis == ([0] if granularity == "row" else [])
+    result = report.results[0]
+    assert report.passed and result.bytes_identical == (len(layers), len(layers))
+    assert result.prompts_identical >= 8
+    assert check_manifest(tmp_path / "onnx") == []
+
+
+def test_onnx_graph_runs_dynamic_batch_and_sequence(tiny_factory, tmp_path):
+    import onnxruntime as ort
+
+    model, tokenizer = tiny_factory("row", "row")
+    export_model(model, tokenizer, "onnx", tmp_path / "onnx", verify=False)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3), (3, 17)]:
+        ids = np.random.default_rng(0).integers(0, 256, shape, dtype=np.int64)
+        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        assert logits.shape == (*shape, model.config.vocab_size) and np.isfinite(logits).all()
+
+
+def test_onnx_weight_only_graph_within_activation_noise(tiny_factory, tmp_path):
+    model, tokenizer = tiny_factory("tensor", "tensor")
+    report = export_model(model, tokenizer, "onnx", tmp_path / "w", options=ExportOptions(onnx_activations="float"))
+    assert report.passed
+    assert not any(n.op_type == "Cast" and "FLOAT8" in str(n) for n in _graph(tmp_path / "w").graph.node)
+
+
+def test_onnx_refuses_opset_below_19():
+    with pytest.raises(ExportError, match="opset must be an integer >= 19"):
+        ExportOptions(opset=18)
+
+
+@pytest.mark.slow
+def test_onnx_smollm2_trained_runs_on_onnxruntime_within_tolerance(smollm2_trained, tmp_path):
+    model, tokenizer, _ = smollm2_trained
+    report = export_model(model, tokenizer, "onnx", tmp_path / "smol", prompts=DEFAULT_PROMPTS[:8], new_tokens=6)
+    result = report.results[0]
+    layers = falqon_layers(model)
+    print(f"SmolLM2 onnx: {result.as_dict()}")
+    assert report.passed and result.bytes_identical == (len(layers), len(layers))
+    assert result.token_agreement >= 0.9
