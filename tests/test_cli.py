@@ -1,0 +1,136 @@
+"""The ``falqon`` LightningCLI: fit end to end, --print_config round trip, every shipped YAML, clear failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from falqon_lit import cli
+from falqon_lit.data import InstructionDataModule
+from falqon_lit.module import FalqonLitModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_llama_dict: dict, tiny_chat_tokenizer_dir: Path, tiny_chat_jsonl: Path) -> Path:
+    """A CLI config for 3 CPU steps of the tiny Llama, logging and checkpointing under ``tmp_path/run``."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 3,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "callbacks": [
+                {"class_path": "falqon_lit.callbacks.QuantStats", "init_args": {"every_n_steps": 3}},
+                {"class_path": "falqon_lit.callbacks.RowwiseProxyUpdate", "init_args": {"k": 4}},
+            ],
+        },
+        "model": {"model": tiny_llama_dict, "tokenizer": str(tiny_chat_tokenizer_dir)},
+        "data": {"source": str(tiny_chat_jsonl), "max_length": 64, "batch_size": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
+    assert cli.main(["fit", "--config", str(tiny_config)]) == 0
+    version = tmp_path / "run" / "lightning_logs" / "version_0"
+    written = set(_files(version))
+    assert {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"} <= written
+    assert all(
+        name.startswith("events.out.tfevents")
+        for name in written - {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"}
+    )
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 3 and saved["model"]["model"]["hidden_size"] == 64
+    module = FalqonLitModule.load_from_checkpoint(version / "checkpoints" / "epoch=0-step=3.ckpt")
+    assert int(module.model.model.layers[0].mlp.up_proj.merge_rows) == 12  # 3 steps x k=4
+
+
+def test_cli_print_config_round_trips(tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(tiny_config), "--model.optim.lr=0.05", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["model"]["optim"]["lr"] == 0.05
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_cli_parses_every_shipped_config(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["max_steps"] > 0
+    # Instantiate everything (module and data read configs and tokenizers only) without training; GPU settings
+    # are overridden so that the check runs on any machine.
+    parsed = cli.FalqonCLI(
+        FalqonLitModule,
+        InstructionDataModule,
+        run=False,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        args=[
+            "--config",
+            str(config),
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ],
+    )
+    assert isinstance(parsed.model, FalqonLitModule) and parsed.model.model is None
+    assert isinstance(parsed.datamodule, InstructionDataModule)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.nonsense=1", "nonsense"),
+        ("--model.falqon.rank=10", "rank must be a positive multiple of 16"),
+        ("--data.source=/nonexistent/data.jsonl", "--data.source '/nonexistent/data.jsonl' does not exist"),
+        ("--data.template=chatml", "--data.template must be one of"),
+        ("--data.max_length=4096", "exceeds the model's context length 256"),
+    ],
+    ids=["unknown-key", "bad-rank", "missing-file", "unknown-template", "over-context"],
+)
+def test_cli_bad_input_fails_cleanly_without_touching_outputs(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture, override: str, message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "earlier.txt").write_text("earlier output")
+    before = _files(run_dir)
+    assert cli.main(["fit", "--config", str(tiny_config), override]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert _files(run_dir) == before
+
+
+def test_cli_module_entry_point_exit_status(tiny_config: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "falqon_lit", "fit", "--config", str(tiny_config), "--data.template=nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --data.template must be one of")
