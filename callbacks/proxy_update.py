@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from falqon_lit.convert import falqon_layers
+from falqon_lit.proxy_graph import ProxyUpdater
 
 
 class RowwiseProxyUpdate(Callback):
@@ -66,6 +67,14 @@ class RowwiseProxyUpdate(Callback):
         """Rows merged over all layers and updates (flush excluded)."""
         self.rows_flushed = 0
         """Rows merged by the final flush."""
+        self._proxy: ProxyUpdater | None = None
+
+    def _updater(self, pl_module: LightningModule) -> ProxyUpdater:
+        # Built lazily and rebuilt if the set of layers changed (a new model, a reconversion).
+        layers = list(falqon_layers(pl_module).values())
+        if self._proxy is None or self._proxy.layers != layers:
+            self._proxy = ProxyUpdater(layers)
+        return self._proxy
 
     def rows_for_step(self, step: int, rank: int) -> int:
         """Rows to merge for a layer of rank ``rank`` after optimizer step ``step`` (1-based)."""
@@ -89,11 +98,10 @@ class RowwiseProxyUpdate(Callback):
         self.last_step = step
         if step % self.every_n_steps:
             return
-        merged = 0
-        for layer in falqon_layers(pl_module).values():
-            k = min(self.rows_for_step(step, layer.rank), layer.out_features)
-            layer.proxy_update(k)
-            merged += k
+        layers = falqon_layers(pl_module).values()
+        k = self.rows_for_step(step, next(iter(layers)).rank)
+        self._updater(pl_module)(k)  # every layer at once; one CUDA-graph replay on GPU
+        merged = sum(min(k, layer.out_features) for layer in layers)
         self.updates += 1
         self.rows_merged += merged
         if self.log_rows:

@@ -70,7 +70,16 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 for a bad config or bad data)."""
+    """Run the CLI; returns the exit status (0, or 2 for a bad config or bad data).
+
+    ``falqon eval ...`` (benchmark scoring) is dispatched to ``falqon_lit.eval_cli``; every other subcommand is
+    LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "eval":
+        from falqon_lit.eval_cli import main as eval_main
+
+        return eval_main(argv[1:])
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     try:

@@ -134,3 +134,12 @@ def test_cli_module_entry_point_exit_status(tiny_config: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --data.template must be one of")
+
+
+def test_cli_eval_subcommand_dispatches_to_the_evaluator(capsys) -> None:
+    from falqon_lit.cli import main
+
+    assert main(["eval", "--list-tasks"]) == 0
+    assert "arc_easy" in capsys.readouterr().out
+    assert main(["eval", "--tasks", "no_such_task", "--model", "smollm2"]) == 2
+    assert "no_such_task" in capsys.readouterr().err
