@@ -2,6 +2,7 @@
 
 from falqon_lit.callbacks.proxy_update import RowwiseProxyUpdate
 from falqon_lit.callbacks.quant_stats import QuantStats
+from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck
 from falqon_lit.callbacks.summary import FitSummary
 
-__all__ = ["FitSummary", "QuantStats", "RowwiseProxyUpdate"]
+__all__ = ["FitSummary", "QuantStats", "ReplicaConsistencyCheck", "RowwiseProxyUpdate"]

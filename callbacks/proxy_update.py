@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from falqon_lit.convert import falqon_layers
 from falqon_lit.proxy_graph import ProxyUpdater
+from falqon_lit.sharded import ShardedFalqonLinear
 
 
 class RowwiseProxyUpdate(Callback):
@@ -73,7 +74,9 @@ class RowwiseProxyUpdate(Callback):
         # Built lazily and rebuilt if the set of layers changed (a new model, a reconversion).
         layers = list(falqon_layers(pl_module).values())
         if self._proxy is None or self._proxy.layers != layers:
-            self._proxy = ProxyUpdater(layers)
+            # Row-sharded layers run collectives with data-dependent shapes in their update: no CUDA graph.
+            sharded = any(isinstance(layer, ShardedFalqonLinear) for layer in layers)
+            self._proxy = ProxyUpdater(layers, use_cuda_graph=False if sharded else None)
         return self._proxy
 
     def rows_for_step(self, step: int, rank: int) -> int:

@@ -41,6 +41,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         shuffle: ``False`` yields index order, in batches (validation).
         group_by_length: sort within mega-batches; ``False`` is a plain seeded shuffle.
         group_factor: mega-batch size in batches.
+        num_replicas: data-parallel ranks; each takes every ``num_replicas``-th batch of the same epoch order
+            (trimmed to a multiple of ``num_replicas`` so every rank steps equally often).
+        rank: this process's data-parallel rank.
     """
 
     def __init__(
@@ -51,7 +54,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         group_by_length: bool = True,
         group_factor: int = 16,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"LengthGroupedBatchSampler needs 0 <= rank < num_replicas, got {rank} and {num_replicas}")
+        self.num_replicas, self.rank = num_replicas, rank
         self.lengths = list(lengths)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.group_by_length, self.group_factor = group_by_length, group_factor
@@ -68,7 +76,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
-        """All batches of the current epoch, in order."""
+        """This rank's batches of the current epoch, in order."""
+        batches = self._all_batches()
+        if self.num_replicas == 1:
+            return batches
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[self.rank : usable : self.num_replicas]
+
+    def _all_batches(self) -> list[list[int]]:
         n = len(self.lengths)
         if not self.shuffle:
             return [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
@@ -85,7 +100,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from self.batches()[skip:]
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        total = (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        return total if self.num_replicas == 1 else total // self.num_replicas
 
 
 class ResumableDataLoader(DataLoader):

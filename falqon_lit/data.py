@@ -215,6 +215,10 @@ class InstructionDataModule(LightningDataModule):
             seed=self.seed,
             shuffle=shuffle,
             group_by_length=self.group_by_length,
+            # Under DDP each rank takes its share of the same epoch order (Lightning cannot inject its
+            # DistributedSampler into a custom batch sampler; configs set use_distributed_sampler: false).
+            num_replicas=self.trainer.world_size if self.trainer is not None else 1,
+            rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
         return ResumableDataLoader(
             data,

@@ -22,6 +22,7 @@ from falqon_lit.config import FalqonConfig
 from falqon_lit.convert import ConversionReport, convert_model, falqon_layers
 from falqon_lit.generation import generate_text
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
+from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
 
 IGNORE_INDEX = -100
 """Label value of tokens that are not trained (prompt, padding)."""
@@ -103,6 +104,11 @@ class FalqonLitModule(LightningModule):
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
+        # DDP must not broadcast buffers every step: they are the whole FP8 model, identical on every rank by
+        # construction (callbacks.ReplicaConsistencyCheck verifies it). Only lora_B gradients are all-reduced.
+        self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name, _ in model.named_buffers()]
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard the FP8 rows over the data-parallel ranks
+            shard_falqon_model(model, data_parallel_mesh(self.device_mesh))
         rank_zero_info(self.conversion.summary())
 
     def falqon_layers(self) -> dict[str, torch.nn.Module]:

@@ -166,3 +166,16 @@ def test_datamodule_max_length_over_context_fails(tiny_trainer_parts) -> None:
     trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"--data.max_length 4096 exceeds the model's context length 256"):
         trainer.fit(module, datamodule=data)
+
+
+def test_batch_sampler_splits_epoch_over_data_parallel_ranks() -> None:
+    from falqon_lit.batching import LengthGroupedBatchSampler
+
+    lengths = [5, 9, 3, 7, 2, 8, 6, 4, 1, 10, 11]
+    single = LengthGroupedBatchSampler(lengths, batch_size=2, seed=3)
+    ranks = [LengthGroupedBatchSampler(lengths, batch_size=2, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    every = single.batches()  # 6 batches: 3 per rank, interleaved in the single-process order
+    assert ranks[0].batches() == every[0:6:2] and ranks[1].batches() == every[1:6:2]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
+        LengthGroupedBatchSampler(lengths, batch_size=2, num_replicas=2, rank=2)

@@ -1,0 +1,106 @@
+"""Collectives and the autograd function of row-sharded FALQON layers (see ``falqon_lit.sharded``).
+
+FP8 tensors travel as bytes (gloo has no float8 type). Gradients of ``B`` are averaged over ranks, as DDP does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from falqon_lit.config import Backend, ScaleGranularity
+from falqon_lit.functional import melded_forward, melded_grad_input
+from falqon_lit.numerics import E4M3
+from falqon_lit.quantizer import Float8Tensor
+
+
+# ------------------------------------------------------------------------------------------------- collectives
+def all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's ``local`` along dim 0 (FP8 travels as bytes: gloo has no float8 type)."""
+    world = dist.get_world_size(group)
+    as_bytes = local.dtype in (E4M3, torch.float8_e5m2)
+    src = local.contiguous().view(torch.uint8) if as_bytes else local.contiguous()
+    out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=src.device)
+    dist.all_gather_into_tensor(out, src, group=group)
+    return out.view(local.dtype) if as_bytes else out
+
+
+def reduce_scatter_rows_mean(full: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's rows of the mean of ``full`` over ranks (the DDP gradient average, scattered)."""
+    world = dist.get_world_size(group)
+    out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=full.dtype, device=full.device)
+    dist.reduce_scatter_tensor(out, full.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return out.div_(world)
+
+
+def gather_melded(
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    lora_A_fp8: torch.Tensor,
+    lora_A_scale: torch.Tensor,
+    group: dist.ProcessGroup,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full melded ``[W; A]`` ``(out + r, in)`` and its scale ``(1,)`` or ``(out + r, 1)`` from the shards."""
+    melded = torch.cat([all_gather_rows(weight_fp8, group).view(torch.uint8), lora_A_fp8.view(torch.uint8)])
+    if weight_scale.numel() == 1 and lora_A_scale.numel() == 1:  # one tensor scale for [W; A]
+        return melded.view(E4M3), weight_scale
+    return melded.view(E4M3), torch.cat([all_gather_rows(weight_scale, group), lora_A_scale])
+
+
+class ShardedMeldedFunction(torch.autograd.Function):
+    """FALQON's melded forward/backward on row shards; saves only the local shards, ``O_A`` and local ``B``."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        lora_B: torch.Tensor,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        lora_A_fp8: torch.Tensor,
+        lora_A_scale: torch.Tensor,
+        group: dist.ProcessGroup,
+        act_scaling: ScaleGranularity,
+        backend: Backend,
+        residual: bool,
+    ) -> torch.Tensor:
+        out_features = lora_B.shape[0] * dist.get_world_size(group)
+        x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
+        melded, scale = gather_melded(weight_fp8, weight_scale, lora_A_fp8, lora_A_scale, group)
+        o, o_a = melded_forward(x_2d, Float8Tensor(melded, scale), out_features, act_scaling, backend)
+        del melded  # the gathered weight lives only for this GEMM (re-gathered in backward)
+        y = torch.addmm(o, o_a, all_gather_rows(lora_B, group).t().to(o.dtype)) if residual else o
+        ctx.save_for_backward(o_a, lora_B, weight_fp8, weight_scale, lora_A_fp8, lora_A_scale)
+        ctx.group, ctx.act_scaling, ctx.backend, ctx.residual = group, act_scaling, backend, residual
+        return y.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
+        o_a, lora_B, weight_fp8, weight_scale, lora_A_fp8, lora_A_scale = ctx.saved_tensors
+        group = ctx.group
+        out_features = lora_B.shape[0] * dist.get_world_size(group)
+        grad_2d = grad_y.reshape(-1, out_features)  # (M, out)
+        grad_x = grad_b = None
+
+        # grad_weight (Alg. 1): dL/dB = gᵀ · O_A on this rank's tokens, then mean over ranks, scattered by rows.
+        if ctx.needs_input_grad[1]:
+            grad_b_full = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
+            grad_b = reduce_scatter_rows_mean(grad_b_full, group)  # (out / world, r)
+
+        # grad_input (Alg. 1): dL/dx = [g | g B] · [W; A], or g · W when B is zero, on the re-gathered weight.
+        if ctx.needs_input_grad[0]:
+            melded, scale = gather_melded(weight_fp8, weight_scale, lora_A_fp8, lora_A_scale, group)
+            if ctx.residual:
+                lora_B_full = all_gather_rows(lora_B, group)
+                grad_aug = torch.cat([grad_2d, grad_2d @ lora_B_full.to(grad_2d.dtype)], dim=1)  # (M, out + r)
+            else:
+                melded = melded[:out_features]
+                scale = scale[:out_features] if scale.numel() > 1 else scale
+                grad_aug = grad_2d
+            weight_t = melded.t().contiguous()  # (in, K) row-major, as FalqonLinear's stored transpose
+            grad_x_2d = melded_grad_input(
+                grad_aug, Float8Tensor(weight_t, scale), ctx.act_scaling, ctx.backend, out_dtype=grad_y.dtype
+            )
+            grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t.shape[0])
+
+        return grad_x, grad_b, None, None, None, None, None, None, None, None
