@@ -143,3 +143,10 @@ def test_cli_eval_subcommand_dispatches_to_the_evaluator(capsys) -> None:
     assert "arc_easy" in capsys.readouterr().out
     assert main(["eval", "--tasks", "no_such_task", "--model", "smollm2"]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+def test_cli_plot_subcommand_dispatches_to_plots(tmp_path, capsys) -> None:
+    from falqon_lit.cli import main
+
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
