@@ -100,6 +100,7 @@ class FalqonLitModule(LightningModule):
             return
         model = load_model(self.backbone, self.torch_dtype, self.init_seed)
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.conversion = convert_model(model, self.falqon_config)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
