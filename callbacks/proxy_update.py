@@ -70,14 +70,14 @@ class RowwiseProxyUpdate(Callback):
         """Rows merged by the final flush."""
         self._proxy: ProxyUpdater | None = None
 
-    def _updater(self, pl_module: LightningModule) -> ProxyUpdater:
-        # Built lazily and rebuilt if the set of layers changed (a new model, a reconversion).
+    def _build_updater(self, pl_module: LightningModule) -> ProxyUpdater:
+        # Once per fit: the set of layers is fixed after configure_model, so the step never walks the module tree.
         layers = list(falqon_layers(pl_module).values())
-        if self._proxy is None or self._proxy.layers != layers:
-            # Row-sharded layers run collectives with data-dependent shapes in their update: no CUDA graph.
-            sharded = any(isinstance(layer, ShardedFalqonLinear) for layer in layers)
-            self._proxy = ProxyUpdater(layers, use_cuda_graph=False if sharded else None)
-        return self._proxy
+        if not layers:
+            raise ValueError("RowwiseProxyUpdate found no FalqonLinear layer in the model; convert it first")
+        # Row-sharded layers run collectives with data-dependent shapes in their update: no CUDA graph.
+        sharded = any(isinstance(layer, ShardedFalqonLinear) for layer in layers)
+        return ProxyUpdater(layers, use_cuda_graph=False if sharded else None)
 
     def rows_for_step(self, step: int, rank: int) -> int:
         """Rows to merge for a layer of rank ``rank`` after optimizer step ``step`` (1-based)."""
@@ -86,8 +86,7 @@ class RowwiseProxyUpdate(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not falqon_layers(pl_module):
-            raise ValueError("RowwiseProxyUpdate found no FalqonLinear layer in the model; convert it first")
+        self._proxy = self._build_updater(pl_module)
         self.last_step = trainer.global_step
 
     @override
@@ -101,9 +100,11 @@ class RowwiseProxyUpdate(Callback):
         self.last_step = step
         if step % self.every_n_steps:
             return
-        layers = falqon_layers(pl_module).values()
-        k = self.rows_for_step(step, next(iter(layers)).rank)
-        self._updater(pl_module)(k)  # every layer at once; one CUDA-graph replay on GPU
+        if self._proxy is None:
+            self._proxy = self._build_updater(pl_module)
+        layers = self._proxy.layers
+        k = self.rows_for_step(step, layers[0].rank)
+        self._proxy(k)  # every layer at once; one CUDA-graph replay on GPU
         merged = sum(min(k, layer.out_features) for layer in layers)
         self.updates += 1
         self.rows_merged += merged

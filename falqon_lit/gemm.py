@@ -12,8 +12,8 @@ from falqon_lit.config import Backend
 from falqon_lit.quantizer import Float8Tensor
 
 
-def resolve_backend(backend: Backend, device: torch.device) -> Backend:
-    """Turn ``auto`` into a concrete backend for ``device``."""
+def resolve_backend(backend: Backend) -> Backend:
+    """Turn ``auto`` into a concrete backend: ``torch._scaled_mm`` runs on CPU and on FP8 GPUs alike."""
     if backend == Backend.AUTO:
         return Backend.TORCH
     return backend

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_VOCAB, tiny_llama_config
 
-TINY_VOCAB = 320
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -48,17 +48,8 @@ def tiny_chat_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_llama_dict() -> dict:
-    """Config dict of a 2-layer random Llama whose linears are FP8-aligned (hidden 64, FFN 128, kv width 32)."""
-    return {
-        "model_type": "llama",
-        "vocab_size": TINY_VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-    }
+    """Config dict of the tiny random Llama (``tiny_models.tiny_llama_config``)."""
+    return tiny_llama_config()
 
 
 def write_chat_jsonl(path: Path, n: int = 48) -> Path:

@@ -22,6 +22,7 @@ from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from tiny_models import tiny_llama_config
 from torch.utils.data import DataLoader, DistributedSampler
 
 from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
@@ -29,16 +30,7 @@ from falqon_lit.module import FalqonLitModule
 from falqon_lit.sharded import gather_falqon_model
 
 GLOBAL_BATCH, SEQ, EXAMPLES, STEPS = 8, 32, 24, 6  # 3 optimizer steps per epoch
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 320,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+TINY_LLAMA = tiny_llama_config()
 CORRUPT_LAYER = "model.layers.1.mlp.down_proj"
 
 

@@ -422,23 +422,13 @@ def test_eval_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_eval_cli_checkpoint_of_falqon_module(tmp_path: Path) -> None:
-    pytest.importorskip("falqon_lit.module", reason="falqon_lit.module (FalqonLitModule) is not installed")
     import lightning
+    from tiny_models import tiny_llama_config
 
     from falqon_lit.assets import smollm2_path
     from falqon_lit.module import FalqonLitModule
 
-    config = {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    }
+    config = tiny_llama_config(vocab_size=49152, tie_word_embeddings=True)
     module = FalqonLitModule(model=config, tokenizer=str(smollm2_path()))
     module.configure_model()
     trainer = lightning.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)

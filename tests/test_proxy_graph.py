@@ -53,25 +53,26 @@ def test_proxy_updater_matches_eager_loop(device, weight_scaling, b_policy):
             assert torch.equal(a(x), b(x))
 
 
+def _same_random_b(layers: list[FalqonLinear], copies: list[FalqonLinear]) -> None:
+    with torch.no_grad():
+        for a, b in zip(layers, copies, strict=True):
+            a.lora_B.normal_()
+            b.lora_B.copy_(a.lora_B)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_proxy_updater_recaptures_after_buffers_move(device):
     layers = _layers(device, ScaleGranularity.ROW, BPolicy.ZERO)
     reference = copy.deepcopy(layers)
     updater = ProxyUpdater(layers)
     for _ in range(3):
-        with torch.no_grad():
-            for a, b in zip(layers, reference, strict=True):
-                a.lora_B.normal_()
-                b.lora_B.copy_(a.lora_B)
+        _same_random_b(layers, reference)
         updater(4)
         for layer in reference:
             layer.proxy_update(4)
     for layer in layers:  # a checkpoint load rebuilds the transposed copy: new storage
         layer.load_state_dict(layer.state_dict())
-    with torch.no_grad():
-        for a, b in zip(layers, reference, strict=True):
-            a.lora_B.normal_()
-            b.lora_B.copy_(a.lora_B)
+    _same_random_b(layers, reference)
     updater(4)
     for layer in reference:
         layer.proxy_update(4)
