@@ -36,6 +36,17 @@ class BPolicy(str, enum.Enum):
     """Zero only the merged rows; the rest stays as a residual that forward/backward include exactly."""
 
 
+class Rounding(str, enum.Enum):
+    """How a proxy update rounds ``W[i] + B[i]·A`` back to FP8."""
+
+    NEAREST = "nearest"
+    """Round to nearest even (paper): an update below half an FP8 step of its weight is lost."""
+    STOCHASTIC = "stochastic"
+    """Round up or down with probability proportional to the distance: unbiased, so small updates arrive on
+    average instead of being lost. The random bits are a hash of (layer, row, column, merge count), identical on
+    every data-parallel rank."""
+
+
 class Backend(str, enum.Enum):
     """Which kernels run the FP8 GEMMs."""
 
@@ -82,6 +93,9 @@ class FalqonConfig:
     """Initialisation of ``A``: ``svd`` of the quantization error, or ``random``."""
     b_policy: BPolicy = BPolicy.ZERO
     """After a proxy update: ``zero`` all of ``B``, or ``keep`` the unmerged rows as an exact residual."""
+    merge_rounding: Rounding = Rounding.NEAREST
+    """Rounding of merged rows: ``nearest`` (paper) or ``stochastic`` (unbiased); the final flush always rounds to
+    nearest."""
     backend: Backend = Backend.AUTO
     """GEMM backend: ``auto``, ``torch`` or ``emulate`` (float64 oracle)."""
     skip_unaligned: bool = True
@@ -94,6 +108,7 @@ class FalqonConfig:
             ("act_scaling", ScaleGranularity),
             ("init", InitMethod),
             ("b_policy", BPolicy),
+            ("merge_rounding", Rounding),
             ("backend", Backend),
         ):
             value = getattr(self, name)
@@ -131,5 +146,6 @@ class FalqonConfig:
         """A one-line summary for ``extra_repr``."""
         return (
             f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
-            f"init={self.init.value}, B={self.b_policy.value}, backend={self.backend.value}"
+            f"init={self.init.value}, B={self.b_policy.value}, merge={self.merge_rounding.value}, "
+            f"backend={self.backend.value}"
         )

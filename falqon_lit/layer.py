@@ -13,17 +13,18 @@ The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from falqon_lit import merge_kernel
-from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, ScaleGranularity
+from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.functional import FalqonLinearFunction
 from falqon_lit.gemm import resolve_backend
 from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
-from falqon_lit.proxy import merge_rows, select_rows
+from falqon_lit.proxy import merge_bits, merge_rows, select_rows
 
 # Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
 _DTYPE_FIXED_BUFFERS = ("weight_fp8", "weight_t_fp8", "weight_scale", "merge_magnitude")
@@ -96,6 +97,8 @@ class FalqonLinear(nn.Module):
         self.register_buffer("merge_magnitude", torch.zeros((), dtype=torch.float32, device=device))
         self._b_zero_token: tuple[int, int] | None = None
         self._mark_b_zero()
+        self.salt = 0
+        """Per-layer seed of stochastic merge rounding (a hash of the module name, set by ``from_linear``)."""
 
     # ----------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -122,6 +125,7 @@ class FalqonLinear(nn.Module):
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         layer.set_weight(weight, init_lora_A(weight, config.rank, config))
+        layer.salt = zlib.crc32(name.encode())
         return layer
 
     @torch.no_grad()
@@ -196,7 +200,7 @@ class FalqonLinear(nn.Module):
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
         rows = select_rows(self.lora_B, k)
-        self._merge(rows)
+        self._merge(rows, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
             self._mark_b_zero()
@@ -213,15 +217,16 @@ class FalqonLinear(nn.Module):
         """
         rows = (self.lora_B != 0).any(dim=1).nonzero().squeeze(1)
         if rows.numel():
-            self._merge(rows)
+            self._merge(rows, Rounding.NEAREST)  # the final weights: the closest FP8 values, no noise
         self.lora_B.zero_()
         self._mark_b_zero()
         return int(rows.numel())
 
-    def _merge(self, rows: torch.Tensor) -> None:
+    def _merge(self, rows: torch.Tensor, rounding: Rounding) -> None:
         self.merge_rows += rows.numel()
         self.merge_calls += 1
-        if merge_kernel.available(self.weight_fp8):
+        stochastic = rounding == Rounding.STOCHASTIC
+        if not stochastic and merge_kernel.available(self.weight_fp8):
             stats = merge_kernel.merge_rows_fused(
                 rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features
             )
@@ -236,6 +241,7 @@ class FalqonLinear(nn.Module):
             self.lora_B.index_select(0, rows),
             self.lora_A(),
             self.config.weight_scaling,
+            merge_bits(rows, self.in_features, self.merge_calls, self.salt) if stochastic else None,
         )
         # Row scatter into both stored layouts; untouched rows keep every byte.
         self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))

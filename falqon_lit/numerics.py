@@ -70,6 +70,38 @@ def quantize_dynamic(
     return quantize(x_hp, scale, dtype), scale
 
 
+def hash_bits(keys: torch.Tensor) -> torch.Tensor:
+    """32 pseudo-random bits (int64 in ``[0, 2³²)``) per integer key: murmur3's finalizer, a bijection on 32 bits.
+
+    Counter-based, so the same keys give the same bits on every device and rank, with no generator state to carry
+    through checkpoints or CUDA-graph replays.
+    """
+    x = keys & 0xFFFFFFFF
+    x = (x ^ (x >> 16)) * 0x85EBCA6B & 0xFFFFFFFF  # int64 products wrap; the low 32 bits are exact
+    x = (x ^ (x >> 13)) * 0xC2B2AE35 & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def quantize_stochastic(x_hp: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """E4M3 bytes of ``x_hp / scale`` rounded up or down with probability proportional to the distance (unbiased).
+
+    Args:
+        x_hp: values to quantize.
+        scale: dequantization scale, broadcastable to ``x_hp``.
+        bits: int64 random bits in ``[0, 2³²)``, one per element (:func:`hash_bits`).
+    """
+    scaled = x_hp.float() / scale
+    limit = fp8_max(E4M3)
+    magnitude = scaled.abs().clamp(max=limit)
+    # Normal range: add 20 random bits below E4M3's 3 mantissa bits of the float32 pattern, then truncate them.
+    pattern = magnitude.view(torch.int32).long() + (bits >> 12)
+    normal = (pattern & ~0xFFFFF).int().view(torch.float32)
+    # Subnormal range (below 2⁻⁶): a fixed spacing of 2⁻⁹.
+    subnormal = torch.floor(magnitude * 512 + (bits >> 8).float() / 2.0**24) / 512
+    rounded = torch.where(magnitude < 2.0**-6, subnormal, normal).clamp(max=limit)
+    return rounded.copysign(scaled).to(E4M3)  # exact: every value above is an E4M3 value
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better; E4M3 round-trips sit near 30 dB)."""
     ref = reference.double()

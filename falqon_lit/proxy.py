@@ -3,6 +3,7 @@
 Merging row ``i`` adds ``B[i] · A`` to ``W[i]`` in real units and requantizes only that row: with row scales the
 row gets a fresh scale; with a tensor scale the scale is kept and values are clamped to the FP8 range (counted as
 saturated). Rows whose update is exactly zero keep their bytes, so a merge touches nothing it did not change.
+Rounding is to nearest, or stochastic when random bits are given (:func:`merge_bits`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.numerics import E4M3, amax, amax_to_scale, dequantize, fp8_max, quantize
+from falqon_lit.numerics import E4M3, amax, amax_to_scale, dequantize, fp8_max, hash_bits, quantize, quantize_stochastic
 
 
 class MergeResult(NamedTuple):
@@ -41,12 +42,24 @@ def select_rows(lora_B: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(row_scores(lora_B), k, sorted=False).indices.sort().values
 
 
+def merge_bits(rows: torch.Tensor, in_features: int, merge_count: torch.Tensor, salt: int) -> torch.Tensor:
+    """Random bits ``(k, in)`` for stochastic rounding of the merged ``rows`` (global row indices).
+
+    A hash of (layer salt, merge count, row, column): data-parallel ranks and sharded layers draw the same bits for
+    the same element without sharing generator state, and a CUDA graph replays fresh bits (the count is a buffer).
+    """
+    columns = torch.arange(in_features, device=rows.device)
+    keys = rows.long().unsqueeze(1) * in_features + columns  # (k, in)
+    return hash_bits(keys + merge_count.long() * 0x632BE5AB + salt * 0x9E3779B1)
+
+
 def merge_rows(
     rows_fp8: torch.Tensor,
     rows_scale: torch.Tensor,
     lora_B_rows: torch.Tensor,
     lora_A_hp: torch.Tensor,
     granularity: ScaleGranularity,
+    bits: torch.Tensor | None = None,
 ) -> MergeResult:
     """Merge ``B[rows] · A`` into FP8 rows of ``W``.
 
@@ -56,6 +69,7 @@ def merge_rows(
         lora_B_rows: ``(k, r)`` the chosen rows of ``B``.
         lora_A_hp: ``(r, in)`` dequantized ``A``.
         granularity: ``row`` requantizes with a fresh per-row scale, ``tensor`` keeps the scale and clamps.
+        bits: ``(k, in)`` random bits for stochastic rounding; ``None`` rounds to nearest.
     """
     old_hp = dequantize(rows_fp8, rows_scale)  # (k, in) float32
     delta = lora_B_rows.float() @ lora_A_hp.float()  # (k, in), real units
@@ -66,7 +80,7 @@ def merge_rows(
     else:
         new_scale = rows_scale
         saturated_rows = (new_hp.abs() / new_scale > fp8_max(E4M3)).any(dim=1)
-    new_fp8 = quantize(new_hp, new_scale, E4M3)
+    new_fp8 = quantize(new_hp, new_scale, E4M3) if bits is None else quantize_stochastic(new_hp, new_scale, bits)
 
     # A row whose update is exactly zero keeps its bytes and scale (re-rounding it could drift).
     changed = (delta != 0).any(dim=1, keepdim=True)  # (k, 1)

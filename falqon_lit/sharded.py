@@ -26,12 +26,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from falqon_lit.config import BPolicy
+from falqon_lit.config import BPolicy, Rounding
 from falqon_lit.convert import falqon_layers
 from falqon_lit.gemm import resolve_backend
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.numerics import dequantize
-from falqon_lit.proxy import merge_rows, row_scores
+from falqon_lit.proxy import merge_bits, merge_rows, row_scores
 from falqon_lit.sharded_functional import ShardedMeldedFunction, all_gather_rows, gather_melded
 
 _LOCAL_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_magnitude")
@@ -70,7 +70,7 @@ class ShardedFalqonLinear(FalqonLinear):
             layer.rank,
             layer.config,
         )
-        self.mesh, self.group = mesh, mesh.get_group()
+        self.mesh, self.group, self.salt = mesh, mesh.get_group(), layer.salt
         self.out_local = layer.out_features // world
         self.row_start = shard * self.out_local
         # Shards go to the mesh's device right away (as FSDP2 does): only they ever reach the accelerator.
@@ -175,7 +175,7 @@ class ShardedFalqonLinear(FalqonLinear):
         rows = torch.topk(scores, min(k, self.out_features), sorted=False).indices.sort().values
         mine = rows[(rows >= self.row_start) & (rows < self.row_start + self.out_local)] - self.row_start
         self.merge_calls += 1
-        self._merge(mine)
+        self._merge(mine, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
             self._mark_b_zero()
@@ -192,7 +192,7 @@ class ShardedFalqonLinear(FalqonLinear):
             Rows merged over all ranks.
         """
         mine = (self._b_local() != 0).any(dim=1).nonzero().squeeze(1)
-        self._merge(mine)
+        self._merge(mine, Rounding.NEAREST)
         self.lora_B.zero_()
         self._mark_b_zero()
         count = torch.tensor([mine.numel()], device=self.weight_fp8.device)
@@ -201,7 +201,7 @@ class ShardedFalqonLinear(FalqonLinear):
         self.merge_calls += int(merged > 0)  # as FalqonLinear.flush: a call only if some rank merged a row
         return merged
 
-    def _merge(self, rows: torch.Tensor) -> None:
+    def _merge(self, rows: torch.Tensor, rounding: Rounding) -> None:
         # Local rows only; merge_calls is counted by the caller (it must match across ranks, rows may not).
         self.merge_rows += rows.numel()
         if rows.numel() == 0:
@@ -213,6 +213,10 @@ class ShardedFalqonLinear(FalqonLinear):
             self._b_local().index_select(0, rows),
             self.lora_A(),
             self.config.weight_scaling,
+            # Global row indices: the same bits as the unsharded layer draws for these rows.
+            merge_bits(rows + self.row_start, self.in_features, self.merge_calls, self.salt)
+            if rounding == Rounding.STOCHASTIC
+            else None,
         )
         self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))
         if row_scaled:

@@ -19,7 +19,7 @@ from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck, fingerpr
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.numerics import dequantize
 from falqon_lit.sharded import ShardedFalqonLinear, gather_falqon_model
@@ -151,12 +151,15 @@ def one_rank_mesh(tmp_path: Path):
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("rounding", list(Rounding))
 @pytest.mark.parametrize("b_policy", list(BPolicy))
 @pytest.mark.parametrize("scaling", list(ScaleGranularity))
-def test_sharded_layer_equals_falqon_linear(one_rank_mesh, b_policy: BPolicy, scaling: ScaleGranularity) -> None:
+def test_sharded_layer_equals_falqon_linear(
+    one_rank_mesh, b_policy: BPolicy, scaling: ScaleGranularity, rounding: Rounding
+) -> None:
     torch.manual_seed(0)
-    config = FalqonConfig(weight_scaling=scaling, act_scaling=scaling, b_policy=b_policy)
-    full = FalqonLinear.from_linear(torch.nn.Linear(64, 48, bias=True), config)
+    config = FalqonConfig(weight_scaling=scaling, act_scaling=scaling, b_policy=b_policy, merge_rounding=rounding)
+    full = FalqonLinear.from_linear(torch.nn.Linear(64, 48, bias=True), config, name="layer")
     sharded = ShardedFalqonLinear(full, one_rank_mesh)
     for step in range(3):
         x = torch.randn(2, 5, 64, requires_grad=True)

@@ -13,8 +13,10 @@ from falqon_lit.numerics import (
     amax_to_scale,
     dequantize,
     fp8_max,
+    hash_bits,
     quantize,
     quantize_dynamic,
+    quantize_stochastic,
     saturating_cast,
     sqnr_db,
 )
@@ -110,3 +112,44 @@ def test_sqnr_of_e4m3_roundtrip_matches_format_precision():
     print(f"E4M3 per-row SQNR on N(0,1): {db:.1f} dB")
     assert 28 < db < 35
     assert sqnr_db(x, x) > 200
+
+
+def _e4m3_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The E4M3 values just below and above each ``x`` (float64; equal when ``x`` is representable)."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, -448 .. 448
+    upper = torch.searchsorted(grid, x.double()).clamp(max=grid.numel() - 1)
+    lower = torch.searchsorted(grid, x.double(), right=True).sub(1).clamp(min=0)
+    return grid[lower], grid[upper]
+
+
+def test_quantize_stochastic_picks_a_neighbour_and_is_unbiased():
+    torch.manual_seed(torch.seed() % 2**31)  # fresh values every run
+    x = (torch.randn(4000) * torch.logspace(-4, 2.4, 4000)).clamp(-448, 448)  # subnormal through E4M3 max
+    lower, upper = _e4m3_neighbours(x)
+    draws = 400
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for draw in range(draws):
+        bits = hash_bits(torch.arange(x.numel()) + draw * 0x632BE5AB)
+        got = quantize_stochastic(x, torch.ones(1), bits).double()
+        assert torch.all((got == lower) | (got == upper))
+        total += got
+    spacing = (upper - lower).clamp(min=2.0**-9)
+    # Mean of Bernoulli draws: standard error ≤ spacing / (2·sqrt(400)) = spacing / 40; allow 6 standard errors.
+    assert torch.all((total / draws - x.double()).abs() <= 0.15 * spacing)
+    nearest = x.to(torch.float8_e4m3fn).double()
+    assert float((nearest - x).abs().max()) <= float((0.5 * spacing).max())  # the grid helper is right
+
+
+def test_quantize_stochastic_saturates_and_keeps_representable_values():
+    x = torch.tensor([500.0, -1e9, 448.0, -448.0, 0.0, 2.0**-9, 1.5, -0.25])
+    bits = hash_bits(torch.arange(x.numel()))
+    got = quantize_stochastic(x, torch.ones(1), bits).double()
+    assert got.tolist() == [448.0, -448.0, 448.0, -448.0, 0.0, 2.0**-9, 1.5, -0.25]
+
+
+def test_hash_bits_are_32_bit_and_spread():
+    bits = hash_bits(torch.arange(1 << 16))
+    assert int(bits.min()) >= 0 and int(bits.max()) < 2**32
+    assert bits.unique().numel() == bits.numel()  # a bijection on 32-bit keys
+    assert abs(float(bits.double().mean()) / 2**32 - 0.5) < 0.01

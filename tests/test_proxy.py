@@ -8,10 +8,10 @@ import torch
 from fp8_devices import DEVICES
 from torch import nn
 
-from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.numerics import E4M3
-from falqon_lit.proxy import row_scores, select_rows
+from falqon_lit.proxy import merge_bits, row_scores, select_rows
 
 
 def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
@@ -119,6 +119,43 @@ def test_flush_makes_dense_weight_equal_deq_w_plus_ba(weight_scaling, b_policy):
     saturated = (dense_before / scale).abs() > torch.finfo(E4M3).max
     assert torch.all(((after - dense_before).abs() <= tolerance) | saturated)
     assert layer.flush() == 0  # idempotent: nothing left to merge
+
+
+@pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
+def test_stochastic_merges_apply_small_updates_on_average(weight_scaling):
+    """Twenty updates of at most 10% of an FP8 step: nearest rounding loses them all, stochastic applies their sum."""
+    torch.manual_seed(torch.seed() % 2**31)
+    base = nn.Linear(64, 96)
+    with torch.no_grad():  # every weight in one binade (one FP8 step) and below the range's edge
+        base.weight.copy_(torch.sign(torch.randn(96, 64)) * torch.empty(96, 64).uniform_(0.6, 0.85))
+        base.weight[:, 0] = 1.0  # each row's amax: scaled values in [269, 381], spacing 32 scale units
+    delta_b = torch.randn(96, 16, dtype=torch.float64)
+    gains = {}
+    for rounding in Rounding:
+        config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=BPolicy.KEEP, merge_rounding=rounding)
+        layer = FalqonLinear.from_linear(base, config, name="probe")
+        a = layer.lora_A(torch.float64)
+        step = 32 * layer.weight_scale_rows.double()
+        update = delta_b / (delta_b @ a).abs().amax(dim=1, keepdim=True) * step * 0.1  # |δB·A| ≤ 10% of a step
+        w_before = layer.dequantized_weight(torch.float64)
+        for _ in range(20):
+            with torch.no_grad():
+                layer.lora_B += update.float()
+            layer.proxy_update(96)  # all rows, every time
+        wanted = 20 * (update @ a)
+        moved = layer.dequantized_weight(torch.float64) - w_before
+        gains[rounding] = float((moved * wanted).sum() / (wanted * wanted).sum())  # 1 = arrived on average
+    assert gains[Rounding.NEAREST] == 0.0  # each update was below half a step: all lost
+    assert 0.9 < gains[Rounding.STOCHASTIC] < 1.1, gains
+
+
+def test_stochastic_merge_bits_depend_on_layer_row_and_merge_count():
+    rows = torch.tensor([3, 5])
+    first = merge_bits(rows, 32, torch.tensor(1), salt=7)
+    assert torch.equal(first, merge_bits(rows, 32, torch.tensor(1), salt=7))  # deterministic (ranks agree)
+    assert torch.equal(first[1], merge_bits(torch.tensor([5]), 32, torch.tensor(1), salt=7)[0])  # per row
+    for other in (merge_bits(rows, 32, torch.tensor(2), salt=7), merge_bits(rows, 32, torch.tensor(1), salt=8)):
+        assert (first != other).float().mean() > 0.99
 
 
 def test_proxy_update_counts_saturation_and_updates_lost_to_rounding():

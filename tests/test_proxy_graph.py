@@ -9,17 +9,21 @@ import torch
 from fp8_devices import DEVICES
 from torch import nn
 
-from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.proxy_graph import ProxyUpdater
 
 _STATE = ("weight_fp8", "weight_t_fp8", "weight_scale", "lora_B", "merge_rows", "merge_saturated", "merge_lost")
 
 
-def _layers(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy) -> list[FalqonLinear]:
+def _layers(
+    device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, rounding: Rounding = Rounding.NEAREST
+) -> list[FalqonLinear]:
     torch.manual_seed(torch.seed() % 2**31)
-    cfg = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy)
-    return [FalqonLinear.from_linear(nn.Linear(64, n, device=device), cfg) for n in (96, 96, 128)]
+    cfg = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy, merge_rounding=rounding)
+    return [
+        FalqonLinear.from_linear(nn.Linear(64, n, device=device), cfg, f"l{i}") for i, n in enumerate((96, 96, 128))
+    ]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -31,8 +35,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
 @pytest.mark.parametrize("b_policy", list(BPolicy))
-def test_proxy_updater_matches_eager_loop(device, weight_scaling, b_policy):
-    eager = _layers(device, weight_scaling, b_policy)
+@pytest.mark.parametrize("rounding", list(Rounding))
+def test_proxy_updater_matches_eager_loop(device, weight_scaling, b_policy, rounding):
+    eager = _layers(device, weight_scaling, b_policy, rounding)
     graphed = copy.deepcopy(eager)
     updater = ProxyUpdater(graphed)
     x = torch.randn(8, 64, device=device)
