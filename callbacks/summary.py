@@ -18,8 +18,8 @@ IGNORE_INDEX = -100
 class FitSummary(Callback):
     """Print loss and greedy samples before and after fit, then steps, time, FP8 bytes and rows merged.
 
-    Needs a ``FalqonLitModule`` (``loss_and_predictions``, ``generate``) and a data module with ``val_dataloader``
-    and ``sample_prompts`` (``InstructionDataModule``).
+    Needs a ``FalqonLitModule`` (``loss_and_predictions``, ``generate``) and a data module with
+    ``summary_dataloader`` and ``sample_prompts`` (``InstructionDataModule``).
 
     Args:
         eval_batches: validation batches the before/after loss is measured on.
@@ -51,7 +51,7 @@ class FitSummary(Callback):
         pl_module.eval()
         total, tokens = 0.0, 0
         try:
-            for i, batch in enumerate(trainer.datamodule.val_dataloader()):
+            for i, batch in enumerate(trainer.datamodule.summary_dataloader()):
                 if i >= self.eval_batches:
                     break
                 batch = {k: v.to(pl_module.device) for k, v in batch.items()}

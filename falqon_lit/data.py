@@ -208,7 +208,7 @@ class InstructionDataModule(LightningDataModule):
         return examples
 
     # ---------------------------------------------------------------------------------------------- loaders
-    def _loader(self, data: ListDataset, shuffle: bool) -> ResumableDataLoader:
+    def _loader(self, data: ListDataset, shuffle: bool, num_workers: int | None = None) -> ResumableDataLoader:
         sampler = LengthGroupedBatchSampler(
             [len(e["input_ids"]) for e in data.examples],
             self.batch_size,
@@ -220,12 +220,13 @@ class InstructionDataModule(LightningDataModule):
             num_replicas=self.trainer.world_size if self.trainer is not None else 1,
             rank=self.trainer.global_rank if self.trainer is not None else 0,
         )
+        num_workers = self.num_workers if num_workers is None else num_workers
         return ResumableDataLoader(
             data,
             batch_sampler=sampler,
             collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
         )
 
     @override
@@ -236,6 +237,14 @@ class InstructionDataModule(LightningDataModule):
     @override
     def val_dataloader(self) -> ResumableDataLoader:
         return self._loader(self.val_data, shuffle=False)
+
+    def summary_dataloader(self) -> ResumableDataLoader:
+        """The validation set in this process (no workers), for a few batches read outside Lightning's loops.
+
+        A persistent worker pool that is abandoned after a few batches outlives ``fit`` and can keep the process
+        from exiting; callbacks such as ``FitSummary`` use this loader instead.
+        """
+        return self._loader(self.val_data, shuffle=False, num_workers=0)
 
     @override
     def test_dataloader(self) -> ResumableDataLoader:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from falqon_lit.batching import LengthGroupedBatchSampler, ResumableDataLoader, collate
@@ -140,6 +141,16 @@ def test_datamodule_templates_build_batches(
     assert batch["input_ids"].shape[0] == 5
     assert ((batch["labels"] != IGNORE_INDEX) <= batch["attention_mask"].bool()).all()
     assert data.sample_prompts(1)[0]
+
+
+def test_summary_dataloader_reads_validation_in_process(tiny_chat_jsonl: Path, tiny_chat_tokenizer_dir: Path) -> None:
+    data = _setup(InstructionDataModule(str(tiny_chat_jsonl), num_workers=2, batch_size=4), tiny_chat_tokenizer_dir)
+    loader = data.summary_dataloader()
+    assert loader.num_workers == 0 and not loader.persistent_workers  # nothing left running after a partial read
+    workers = data.val_dataloader()
+    assert workers.num_workers == 2
+    for ours, theirs in zip(loader, workers, strict=True):  # the same batches in the same order
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_datamodule_missing_file_fails_at_construction(tmp_path: Path) -> None:
