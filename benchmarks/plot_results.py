@@ -16,22 +16,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _bar_note(r: dict) -> str:
+    """What a train-step bar says: time and memory, or why there is no measurement."""
+    if "skipped" in r:
+        return "skipped"
+    if "error" in r:
+        return "OOM" if "out of memory" in r["error"].lower() else "failed"
+    return f"{r['step_ms']:.0f} ms\n{r['peak_mem_gib']:.0f} GiB"
+
+
+def _bar_color(r: dict) -> str:
+    if "skipped" in r:
+        return "#c7c7c7"
+    if "error" in r:
+        return "#d62728"
+    return "#1f77b4" if r["variant"].startswith("falqon") else "#7f7f7f"
+
+
 def plot_train_step(results: list[dict], out: Path) -> Path:
-    """Median step time per variant, grouped by gradient checkpointing; failed runs are marked."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels, times, colors = [], [], []
-    for r in results:
-        label = f"{r['variant']}\nckpt {'on' if r['grad_ckpt'] else 'off'}"
-        labels.append(label)
-        times.append(r.get("step_ms", 0.0))
-        colors.append("#d62728" if "error" in r else ("#1f77b4" if r["variant"].startswith("falqon") else "#7f7f7f"))
-    bars = ax.bar(range(len(labels)), times, color=colors)
+    """Median step time per variant, grouped by gradient checkpointing; failed and skipped runs are marked."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(results)), 3.6))
+    labels = [f"{r['variant']}\nckpt {'on' if r['grad_ckpt'] else 'off'}" for r in results]
+    times = [r.get("step_ms", 0.0) for r in results]
+    bars = ax.bar(range(len(labels)), times, color=[_bar_color(r) for r in results])
     for bar, r in zip(bars, results, strict=True):
-        text = "OOM" if "error" in r else f"{r['step_ms']:.0f} ms\n{r['peak_mem_gib']:.0f} GiB"
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 10, text, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.text(
+            bar.get_x() + bar.get_width() / 2, bar.get_height() + 10, _bar_note(r), ha="center", va="bottom", fontsize=7
+        )
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("median step (ms), lower is better")
-    first = next(r for r in results if "error" not in r)
+    first = next(r for r in results if "step_ms" in r)
     ax.set_title(
         f"LLaMA-7B shape, batch {first['batch']}x{first['seq']}, r={first['rank']} - {first['device']}", fontsize=9
     )

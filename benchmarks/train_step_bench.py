@@ -1,22 +1,27 @@
 """End-to-end training-step benchmark on a LLaMA-7B-shaped model with random weights (CUDA).
 
 Each variant runs in its own process (clean peak-memory numbers): build the model in bf16 on the GPU, wrap it
-(FALQON conversion, or PEFT LoRA for the bf16 peer), then time full optimizer steps (forward, backward, AdamW on
-the adapter, and for FALQON the row-wise proxy update) on a fixed random batch.
+(FALQON conversion, or one of the LoRA peers of ``peers.py``), then time full optimizer steps (forward, backward,
+AdamW on the adapter, and for FALQON the row-wise proxy update) on a fixed random batch. A peer whose package is not
+installed gets a ``skipped`` row; the last table gives FALQON's speedup over each peer at the same checkpointing.
 
 Usage:
-    python benchmarks/train_step_bench.py --variants falqon-tensor,falqon-row,peft-bf16 --ckpt off,on --json out.json
-    python benchmarks/train_step_bench.py --layers 4   # a quick, smaller run
+    python benchmarks/train_step_bench.py --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
+    python benchmarks/train_step_bench.py --layers 4   # a quick, smaller run of every variant
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import subprocess
 import sys
 import time
+
+from peers import PEERS, PeerUnavailableError, build_peer, check_available, peer_autocast
 
 LLAMA_7B = {
     "hidden_size": 4096,
@@ -27,6 +32,7 @@ LLAMA_7B = {
     "max_position_embeddings": 2048,
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("falqon-tensor", "falqon-row", *PEERS)
 
 
 def _build(args: argparse.Namespace):
@@ -49,10 +55,14 @@ def run_variant(args: argparse.Namespace) -> dict:
     """Time one variant in this process; returns the measurements."""
     import torch
 
+    is_falqon = args.variant.startswith("falqon")
+    if not is_falqon:
+        check_available(args.variant)  # before building the 7B-shaped model
     torch.manual_seed(0)
     model = _build(args)
     proxy_ms: list[float] = []
-    if args.variant.startswith("falqon"):
+    step_context = contextlib.nullcontext
+    if is_falqon:
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
         from falqon_lit.proxy_graph import ProxyUpdater
 
@@ -69,9 +79,8 @@ def run_variant(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
             proxy_ms.append((time.perf_counter() - t0) * 1e3)
     else:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS))
+        model = build_peer(model, args.variant, rank=args.rank, alpha=args.rank, targets=TARGETS)
+        step_context = functools.partial(peer_autocast, args.variant)
 
         def after_step() -> None:
             pass
@@ -89,8 +98,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with step_context():  # forward and backward: checkpointing recomputes the forward in backward
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         after_step()
@@ -115,9 +125,48 @@ def run_variant(args: argparse.Namespace) -> dict:
     }
 
 
+def _run_child(args: argparse.Namespace, variant: str, ckpt: bool) -> dict:
+    """Run one variant in a fresh process; a failure, a timeout or a skip becomes a row, never an exception."""
+    cmd = [sys.executable, __file__, "--variant", variant, "--child-ckpt", str(int(ckpt))]
+    cmd += ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
+    cmd += ["--rank", str(args.rank), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    cmd += ["--no-graph"] if args.no_graph else []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "grad_ckpt": ckpt, "error": f"timed out after {args.timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        if "out of memory" in proc.stderr.lower():  # torch, Transformer Engine and bitsandbytes all say so
+            return {"variant": variant, "grad_ckpt": ckpt, "error": "out of memory"}
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"variant": variant, "grad_ckpt": ckpt, "error": " | ".join(tail)}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _print_table(results: list[dict]) -> None:
+    """Step time, tokens/s and peak memory per run, plus each FALQON variant's speedup over each peer."""
+    falqon = [v for v in dict.fromkeys(r["variant"] for r in results) if v.startswith("falqon")]
+    step_ms = {(r["variant"], r["grad_ckpt"]): r["step_ms"] for r in results if "step_ms" in r}
+    heads = f"{'variant':18s} {'ckpt':4s} {'step ms':>9s} {'tok/s':>9s} {'peak GiB':>9s} {'proxy ms':>9s}"
+    print("\n" + heads + "".join(f" {v + ' speedup':>22s}" for v in falqon))
+    for r in results:
+        head = f"{r['variant']:18s} {'on' if r['grad_ckpt'] else 'off':4s}"
+        if "step_ms" not in r:
+            print(f"{head} {r.get('skipped') or 'failed: ' + r['error']}")
+            continue
+        proxy = f"{r['proxy_update_ms']:9.1f}" if r["proxy_update_ms"] is not None else f"{'-':>9s}"
+        speedups = ""
+        for v in falqon:
+            falqon_ms = step_ms.get((v, r["grad_ckpt"]))
+            is_peer = not r["variant"].startswith("falqon")
+            speedups += f" {r['step_ms'] / falqon_ms:21.2f}x" if is_peer and falqon_ms else f" {'-':>22s}"
+        print(f"{head} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['peak_mem_gib']:9.1f} {proxy}{speedups}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="falqon-tensor,falqon-row,peft-bf16")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing settings to run")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
@@ -125,46 +174,33 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write the results here (rewritten after every run)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one variant may take")
     parser.add_argument("--no-graph", action="store_true", help="update layers one by one (no CUDA graph)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--child-ckpt", type=int, dest="child_ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         args.ckpt = args.child_ckpt
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        try:
+            result = run_variant(args)
+        except PeerUnavailableError as e:
+            result = {"variant": args.variant, "grad_ckpt": bool(args.ckpt), "skipped": str(e)}
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"--variants has unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     results = []
     for ckpt in args.ckpt.split(","):
-        for variant in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--variant", variant, "--child-ckpt", str(int(ckpt == "on"))]
-            cmd += ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
-            cmd += ["--rank", str(args.rank), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-            cmd += ["--no-graph"] if args.no_graph else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"{variant} ckpt={ckpt}: FAILED: {' | '.join(tail)}", flush=True)
-                results.append({"variant": variant, "grad_ckpt": ckpt == "on", "error": " | ".join(tail)})
-                continue
-            results.append(json.loads(lines[-1][len("RESULT ") :]))
+        for variant in variants:
+            results.append(_run_child(args, variant, ckpt == "on"))
             print(json.dumps(results[-1]), flush=True)
-
-    print(f"\n{'variant':16s} {'ckpt':5s} {'step ms':>9s} {'tok/s':>9s} {'peak GiB':>9s} {'proxy ms':>9s}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['variant']:16s} {r['grad_ckpt']!s:5s} failed")
-            continue
-        proxy = f"{r['proxy_update_ms']:9.1f}" if r["proxy_update_ms"] is not None else f"{'-':>9s}"
-        print(
-            f"{r['variant']:16s} {r['grad_ckpt']!s:5s} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} "
-            f"{r['peak_mem_gib']:9.1f} {proxy}"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+    _print_table(results)
 
 
 if __name__ == "__main__":
