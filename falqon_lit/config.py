@@ -51,9 +51,10 @@ class Backend(str, enum.Enum):
     """Which kernels run the FP8 GEMMs."""
 
     AUTO = "auto"
-    """``torch`` (``torch._scaled_mm``) on CPU and CUDA."""
+    """``torch`` on CPU and CUDA."""
     TORCH = "torch"
-    """``torch._scaled_mm`` (CPU, and CUDA with FP8 tensor cores)."""
+    """``torch._scaled_mm`` on CUDA with FP8 tensor cores; on CPU a float32 GEMM of the dequantized operands (the
+    arithmetic compressed-tensors runs there, so exported and trained models agree bit for bit)."""
     EMULATE = "emulate"
     """Float64 dequantize-and-matmul on the same FP8 bytes: slow, exact, the test oracle."""
 

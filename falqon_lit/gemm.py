@@ -13,7 +13,7 @@ from falqon_lit.quantizer import Float8Tensor
 
 
 def resolve_backend(backend: Backend) -> Backend:
-    """Turn ``auto`` into a concrete backend: ``torch._scaled_mm`` runs on CPU and on FP8 GPUs alike."""
+    """Turn ``auto`` into a concrete backend: ``torch`` runs on CPU and on FP8 GPUs alike."""
     if backend == Backend.AUTO:
         return Backend.TORCH
     return backend
@@ -31,23 +31,23 @@ def fp8_gemm(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype, backend: 
         a: left operand, scale ``(1,)`` or ``(M, 1)``.
         b: right operand as rows, scale ``(1,)`` or ``(N, 1)``; ``b.data.stride(1)`` must be 1.
         out_dtype: dtype of the result.
-        backend: ``torch`` (``torch._scaled_mm``, fp32 accumulation) or ``emulate`` (float64, the oracle).
+        backend: ``torch`` (``torch._scaled_mm`` on CUDA, a float32 GEMM of the dequantized operands on CPU) or
+            ``emulate`` (float64, the oracle).
 
     Returns:
         ``(M, N)`` tensor in ``out_dtype``.
     """
     if backend == Backend.EMULATE:
         return (a.dequantize(torch.float64) @ b.dequantize(torch.float64).t()).to(out_dtype)
-    m, n = a.data.shape[0], b.data.shape[0]
+    if a.data.device.type == "cpu":
+        # CPU: a float32 GEMM of the dequantized operands (exact FP8 values times their scales), which is the
+        # arithmetic compressed-tensors runs in transformers on CPU: the trainer's CPU forward is then bit for bit
+        # the exported model's forward there, not merely close (FP8 activation rounding amplifies any difference).
+        return torch.nn.functional.linear(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)
     if a.scale.numel() == 1 and b.scale.numel() == 1:
         scale_a, scale_b = a.scale.reshape(()).float(), b.scale.reshape(()).float()
         return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     # Row-wise scaling needs both operands row-wise: (M, 1) and (1, N).
+    m, n = a.data.shape[0], b.data.shape[0]
     scale_a, scale_b = _row_scale(a.scale, m), _row_scale(b.scale, n).reshape(1, n)
-    if a.data.device.type == "cpu":
-        # CPU _scaled_mm takes only tensor scales before torch 2.13: run it unscaled in fp32 (exact products,
-        # fp32 sums) and apply the outer product of the scales after, one fp32 rounding more.
-        one = torch.ones((), dtype=torch.float32)
-        out = torch._scaled_mm(a.data, b.data.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-        return (out * scale_a * scale_b).to(out_dtype)
     return torch._scaled_mm(a.data, b.data.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)

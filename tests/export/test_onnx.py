@@ -73,4 +73,7 @@ def test_onnx_smollm2_trained_runs_on_onnxruntime_within_tolerance(smollm2_train
     layers = falqon_layers(model)
     print(f"SmolLM2 onnx: {result.as_dict()}")
     assert report.passed and result.bytes_identical == (len(layers), len(layers))
+    # Not bit for bit: onnxruntime's float32 kernels (MatMul, Softmax, normalisation) sum in other orders than
+    # torch's, and FP8 activation rounding amplifies a 1-ulp difference into a flipped FP8 value and onwards (see
+    # readback.fp8_tolerance), so greedy argmaxes can differ where the top two logits nearly tie.
     assert result.token_agreement >= 0.9

