@@ -8,6 +8,7 @@ Each run is ``tests/distributed_run.py`` in a subprocess (Lightning launches ran
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,17 @@ STATS = ("merge_magnitude",)
 """float32 sums over rows; the sharded run adds per-rank partial sums, so only the order of additions differs."""
 
 
-def _launch(mode: str, tokenizer: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _launch(mode: str, tokenizer: Path, out: Path, *extra: str, fabric: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
     env["PYTHONWARNINGS"] = "ignore"
-    command = [sys.executable, str(RUN), "--mode", mode, "--tokenizer", str(tokenizer), "--out", str(out), *extra]
+    script = [str(RUN), "--mode", mode, "--tokenizer", str(tokenizer), "--out", str(out), *extra]
+    launcher = []
+    if fabric:  # Lightning's launcher (`fabric run`): torchrun starts both processes, the Trainer joins them
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = ["-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "2", "--main-port", str(port)]
+    command = [sys.executable, *launcher, *script]
     return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=out.parent)
 
 
@@ -43,7 +51,8 @@ def _result(out: Path, rank: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_chat_tokenizer_dir: Path) -> dict[str, Path]:
-    """The single-process, DDP, sharded and resumed-sharded runs (6 optimizer steps each, global batch 8)."""
+    """The single-process, DDP, sharded, resumed-sharded and `fabric run`-launched DDP runs (6 optimizer steps each,
+    global batch 8)."""
     root = tmp_path_factory.mktemp("dist")
     outs = {}
     for name, mode, extra in (
@@ -51,9 +60,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_chat_tokenizer_dir: Path
         ("ddp", "ddp", ()),
         ("sharded", "sharded", ()),
         ("resumed", "sharded", ("--resume", str(root / "sharded" / "ckpt" / "epoch=0-step=3.ckpt"))),
+        ("fabric-run", "ddp", ()),
     ):
         outs[name] = root / name
-        done = _launch(mode, tiny_chat_tokenizer_dir, outs[name], *extra)
+        done = _launch(mode, tiny_chat_tokenizer_dir, outs[name], *extra, fabric=name == "fabric-run")
         assert done.returncode == 0, f"{name} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return outs
 
@@ -68,6 +78,14 @@ def test_ddp_replicas_identical_after_every_merge(runs: dict[str, Path]) -> None
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_fabric_run_launches_the_same_ddp_training(runs: dict[str, Path]) -> None:
+    for rank in (0, 1):
+        launched, spawned = _result(runs["fabric-run"], rank), _result(runs["ddp"], rank)
+        assert launched["losses"] == spawned["losses"]
+        assert launched["state"].keys() == spawned["state"].keys()
+        assert all(torch.equal(launched["state"][k], spawned["state"][k]) for k in spawned["state"])
 
 
 def test_ddp_matches_single_process_to_rounding(runs: dict[str, Path]) -> None:
