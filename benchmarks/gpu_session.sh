@@ -1,25 +1,70 @@
 #!/usr/bin/env bash
-# One GPU-host session: install staged wheels and the package, run every GPU test, then the SmolLM2 chat config.
-# Usage (on the GPU host, after the staged batches arrived): bash benchmarks/gpu_session.sh [MAX_STEPS]
-# Writes logs to $OUT (or ./gpu-out); prints a short table last.
+# GPU-host session steps, one or more per call: bash benchmarks/gpu_session.sh PART [PART ...]
+#   install  staged wheels (once per host: .gpu-stage batches must have arrived) and this package
+#   tests    every GPU test (CUDA FP8 numerics, kernels, proxy graphs, vLLM serving)
+#   fit      configs/smollm2-chat.yaml for $FIT_STEPS steps (default 300) with the summary callback, no
+#            mid-fit validation (clean step time); a hang gets a Python stack dump (SIGABRT + faulthandler)
+#   serve    benchmarks/serve_check.py (SmolLM2 through vLLM offline and `vllm serve`, then the 7B shape)
+#   quality  benchmarks/quality.py with $QUALITY_BUDGET seconds (default 500); resumable across calls
+#   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
+# Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
-steps=${1:-300}
-export PYTHONUNBUFFERED=1
-[ -x /tmp/staged-wheels/install_staged.sh ] && bash /tmp/staged-wheels/install_staged.sh --install 2>&1 | tail -1
-python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING
-python3 -c "import torch, triton, transformers, lightning; print('torch', torch.__version__, 'triton', triton.__version__, \
-'transformers', transformers.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
+stamp() { echo "[$(date +%T)] $*"; }
 
-timeout 400 python3 -m pytest tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py \
-  tests/test_proxy_graph.py tests/test_kernels.py tests/test_merge_kernel.py tests/test_convert.py -q -p no:cacheprovider \
-  2>&1 | tee "$out/gpu_tests.log" | tail -3
+install() {
+  if [ -x /tmp/staged-wheels/install_staged.sh ] && [ ! -e /tmp/staged-wheels/.installed ]; then
+    bash /tmp/staged-wheels/install_staged.sh --install 2>&1 | tail -2 && touch /tmp/staged-wheels/.installed
+  fi
+  python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING
+  python3 - <<'PY' | tee "$out/versions.txt"
+import importlib, torch
+names = ["triton", "transformers", "lightning", "peft", "vllm", "torchao", "bitsandbytes", "compressed_tensors"]
+found = []
+for n in names:
+    try:
+        found.append(f"{n} {importlib.import_module(n).__version__}")
+    except Exception as err:  # noqa: BLE001 - report, do not stop the session
+        found.append(f"{n} missing ({type(err).__name__})")
+print(f"torch {torch.__version__} on {torch.cuda.get_device_name()};", ", ".join(found))
+PY
+}
 
-start=$(date +%s)
-timeout 900 falqon fit --config configs/smollm2-chat.yaml --trainer.max_steps "$steps" --trainer.val_check_interval 100 \
-  --trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir=/tmp/smollm2-gpu \
-  --trainer.enable_progress_bar=false 2>&1 | tee "$out/smollm2_fit.log" | tail -25
-echo "fit wall time: $(( $(date +%s) - start )) s"
-cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_metrics.csv" 2>/dev/null
-cp /tmp/smollm2-gpu/lightning_logs/version_0/quant_stats.png "$out/" 2>/dev/null
-true
+tests() {
+  timeout 420 python3 -m pytest tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py \
+    tests/test_proxy_graph.py tests/test_kernels.py tests/test_merge_kernel.py tests/test_convert.py \
+    tests/test_vllm_serving.py -q -p no:cacheprovider -m "gpu or not gpu" 2>&1 | tee "$out/gpu_tests.log" | tail -4
+}
+
+fit() {
+  local start; start=$(date +%s)
+  # SIGABRT makes faulthandler print every thread's stack if the process is still alive at the limit.
+  timeout -s ABRT "${FIT_TIMEOUT:-240}" falqon fit --config configs/smollm2-chat.yaml \
+    --trainer.max_steps "${FIT_STEPS:-300}" --trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0 \
+    --trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir=/tmp/smollm2-gpu \
+    --trainer.enable_progress_bar=false "$@" > "$out/smollm2_fit.log" 2>&1
+  local rc=$?
+  stamp "falqon fit exit code $rc, wall $(( $(date +%s) - start )) s (124/134: timed out or aborted)"
+  grep -A14 "fit summary" "$out/smollm2_fit.log" | head -16
+  [ $rc -eq 0 ] || tail -40 "$out/smollm2_fit.log"
+  cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_metrics.csv" 2>/dev/null
+}
+
+serve() { timeout 570 python3 benchmarks/serve_check.py --out "$out" 2>&1 | tee "$out/serve_check.log" | tail -30; }
+
+quality() {
+  timeout 580 python3 benchmarks/quality.py --out /tmp/quality --time-budget "${QUALITY_BUDGET:-500}" \
+    2>&1 | tee "$out/quality.log" | tail -30
+  cp /tmp/quality/*.json* /tmp/quality/*.png "$out/" 2>/dev/null
+}
+
+peers() {
+  timeout 570 python3 benchmarks/train_step_bench.py --json "$out/train_step.json" ${PEERS_ARGS:-} \
+    2>&1 | tee "$out/train_step.log" | tail -25
+}
+
+for part in "$@"; do
+  stamp "== $part"
+  "$part"
+done

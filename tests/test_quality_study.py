@@ -1,0 +1,191 @@
+"""Tests for benchmarks/quality.py: run plan, resumable JSONL bookkeeping, summary statistics, and a CPU smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from falqon_lit.config import BPolicy, Rounding, ScaleGranularity
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("quality_study", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(name: str, seed: int | None, heldout: float, acc: float | None = None, **fields: object) -> dict:
+    metrics = {"gsm8k_loss": heldout - 0.5, "chat_loss": heldout + 0.5, "heldout_loss": heldout}
+    if acc is not None:
+        metrics["bench_acc"] = acc
+    record = {
+        "study": "s1",
+        "key": f"{name}@{'-' if seed is None else seed}",
+        "name": name,
+        "group": "main",
+        "kind": "falqon" if name.startswith("falqon") else "peft",
+        "seed": seed,
+        "status": "ok",
+        "metrics": metrics,
+        "merge": None,
+        "wall_s": 10.0,
+        "loss_curve": [2.0, 1.5, 1.0],
+    }
+    return {**record, **fields}
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleType) -> None:
+    runs = quality.plan_runs([0, 1, 2], 16, None, True, None)
+    order = ["before", "main", "ablation"]
+    assert [r.group for r in runs] == sorted((r.group for r in runs), key=order.index)
+    assert [r.name for r in runs if r.group == "before"] == ["before:base", "before:fp8-tensor", "before:fp8-row"]
+    main = [r for r in runs if r.group == "main"]
+    assert [r.seed for r in main] == sorted(r.seed for r in main)  # all of seed 0 first, then 1, then 2
+    seed0 = [r.name for r in main if r.seed == 0]
+    falqon = {  # every scaling x B policy x merge rounding
+        f"falqon-{s.value}-{p.value}{'-sr' if m == Rounding.STOCHASTIC else ''}"
+        for s in ScaleGranularity
+        for p in BPolicy
+        for m in Rounding
+    }
+    assert seed0[0] == "bf16-lora" and set(seed0) == {"bf16-lora", "fp8base-lora", *falqon}
+    assert seed0 == [r.name for r in main if r.seed == 2]
+    ablations = [r for r in runs if r.group == "ablation"]
+    assert [r.name.split(":")[1] for r in ablations] == ["k=1", "k=10", "k=all", "every=4", "every=16", "init=random"]
+    assert all(r.seed == 0 and not r.bench and r.name.startswith("falqon-tensor-zero:") for r in ablations)
+    assert ablations[-1].falqon.init.value == "random" and ablations[0].falqon.init.value == "svd"
+    assert len({r.key for r in runs}) == len(runs)
+
+
+def test_plan_runs_variant_filter_limits_main_and_befores(quality: ModuleType) -> None:
+    runs = quality.plan_runs([3], 16, ["falqon-row-*-sr"], False, None)
+    assert [r.name for r in runs if r.group == "before"] == ["before:base", "before:fp8-row"]
+    assert {r.name for r in runs if r.group == "main"} == {f"falqon-row-{p.value}-sr" for p in BPolicy}
+    assert all(r.seed == 3 for r in runs if r.group == "main")
+
+
+def test_plan_runs_unknown_ablation_base_raises(quality: ModuleType) -> None:
+    with pytest.raises(ValueError, match="--ablation-base must be one of"):
+        quality.plan_runs([0], 16, None, True, "bf16-lora")
+
+
+# --------------------------------------------------------------------------------------------------- bookkeeping
+def test_pending_runs_skips_runs_recorded_for_the_same_study(quality: ModuleType) -> None:
+    runs = quality.plan_runs([0], 16, ["bf16-lora", "fp8base-lora"], False, None)
+    records = [
+        _record("bf16-lora", 0, 2.0),
+        _record("before:base", None, 3.0, group="before", study="other-settings"),
+        _record("fp8base-lora", 0, 2.0, status="skipped"),
+    ]
+    assert [r.key for r in quality.pending_runs(runs, records, "s1")] == ["before:base@-"]
+    retried = quality.pending_runs(runs, records, "s1", retry_failed=True)
+    assert [r.key for r in retried] == ["before:base@-", "fp8base-lora@0"]
+
+
+def test_append_record_after_a_cut_line_keeps_every_record(quality: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "quality.jsonl"
+    quality.append_record(path, {"a": 1})
+    with path.open("a") as f:
+        f.write('{"b": 2, "cut')  # a writer killed mid-line
+    quality.append_record(path, {"c": 3})
+    assert quality.read_records(path) == [{"a": 1}, {"c": 3}]
+
+
+def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType) -> None:
+    runs = {r.key: r for r in quality.plan_runs([0, 1], 16, ["bf16-lora", "falqon-tensor-zero"], True, None)}
+    records = [
+        _record("bf16-lora", 0, 2.0, wall_s=20.0),
+        _record("falqon-tensor-zero", 0, 2.0, wall_s=40.0),
+        _record("falqon-tensor-zero", 1, 2.0, wall_s=50.0),
+        _record("bf16-lora", 1, 2.0, wall_s=99.0, study="other"),
+        _record("falqon-tensor-zero:k=1", 0, 2.0, wall_s=7.0, status="failed"),
+    ]
+    assert quality.estimate_seconds(runs["falqon-tensor-zero@1"], records, "s1") == 45.0  # same name
+    assert quality.estimate_seconds(runs["bf16-lora@1"], records, "s1") == 20.0  # other study ignored
+    assert quality.estimate_seconds(runs["falqon-tensor-zero:k=10@0"], records, "s1") == 45.0  # same kind
+    assert quality.estimate_seconds(runs["bf16-lora@0"], [], "s1") is None
+
+
+def test_fits_keeps_the_report_reserve(quality: ModuleType) -> None:
+    reserve = quality.REPORT_RESERVE_S
+    assert quality.fits(100.0, 50.0, 150.0 + reserve)
+    assert not quality.fits(100.0, 50.1, 150.0 + reserve)
+    assert quality.fits(1e9, None, 10.0)  # nothing to estimate from: start
+    assert quality.fits(1e9, 1e9, None)  # no budget
+
+
+# ------------------------------------------------------------------------------------------------------- summary
+def test_summarize_mean_std_and_deltas(quality: ModuleType) -> None:
+    records = [
+        _record("before:base", None, 3.0, 0.30, group="before"),
+        _record("bf16-lora", 0, 2.0, 0.40),
+        _record("bf16-lora", 1, 2.2, 0.50),
+        _record("falqon-tensor-zero", 0, 2.1, 0.42, merge={"lost_fraction": 0.9}),
+        _record("falqon-tensor-zero", 1, 2.3, 0.44, merge={"lost_fraction": 0.7}),
+        _record("falqon-tensor-zero:k=1", 0, 2.31, group="ablation"),
+        _record("fp8base-lora", 0, 0.0, status="skipped", reason="skipped: torchao not installed"),
+        _record("bf16-lora", 9, 9.9, status="failed", reason="boom"),
+        _record("bf16-lora", 9, 2.1, 0.45),  # the retry of the failed run
+        _record("bf16-lora", 7, 100.0, study="other"),
+    ]
+    summary = quality.summarize(records, "s1")
+    main = {row["variant"]: row for row in summary["main"]}
+    ref, falqon = main["bf16-lora"], main["falqon-tensor-zero"]
+    assert ref["n"] == 3 and ref["heldout_loss"] == pytest.approx(2.1) and ref["heldout_loss_std"] == pytest.approx(0.1)
+    assert ref["bench_acc"] == pytest.approx(0.45) and ref["delta_loss_pct"] == 0.0
+    assert falqon["heldout_loss"] == pytest.approx(2.2)
+    assert falqon["heldout_loss_std"] == pytest.approx(math.sqrt(0.02))
+    assert falqon["delta_loss_pct"] == pytest.approx(100 * 0.1 / 2.1)
+    assert falqon["delta_acc_pts"] == pytest.approx(-2.0)
+    assert falqon["merge_lost_fraction"] == pytest.approx(0.8)
+    assert summary["before"][0]["heldout_loss_std"] is None  # one value: no std
+    base, k1 = summary["ablation"]
+    assert base["variant"].startswith("falqon-tensor-zero (") and base["heldout_loss"] == pytest.approx(2.1)
+    assert k1["delta_loss_pct"] == pytest.approx(10.0)  # vs the base at the ablation seed, not vs bf16-lora
+    assert k1["bench_acc"] is None and k1["delta_acc_pts"] is None
+    assert summary["not_ok"] == [
+        {"key": "fp8base-lora@0", "status": "skipped", "reason": "skipped: torchao not installed"}
+    ]
+    table = quality.format_table(summary)
+    assert "+4.76%" in table and "-2.00pt" in table and "fp8base-lora@0 skipped" in table
+
+
+# --------------------------------------------------------------------------------------------------- smoke run
+def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Path) -> None:
+    args = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "bf16-lora,falqon-row-keep"]
+    assert quality.main([*args, "--no-ablations", "--device", "cpu"]) == 0
+    records = quality.read_records(tmp_path / "quality.jsonl")
+    assert [(r["key"], r["status"]) for r in records] == [
+        ("before:base@-", "ok"),
+        ("before:fp8-row@-", "ok"),
+        ("bf16-lora@0", "ok"),
+        ("falqon-row-keep@0", "ok"),
+    ]
+    lora, falqon = records[2], records[3]
+    assert len(lora["loss_curve"]) == len(falqon["loss_curve"]) == 2
+    assert set(falqon["metrics"]["bench"]) == {"arc_easy", "arc_challenge", "hellaswag", "boolq", "mmlu_subset"}
+    assert falqon["metrics"]["bench"]["mmlu_subset"]["n"] == 5  # ceil(2 / 5) items of each of 5 subjects
+    rank, layers = 16, 2 * 7
+    # k = r rows per layer after each of the 2 steps; `keep` leaves unmerged rows that the final flush merges
+    assert falqon["proxy"]["rows_merged"] == 2 * rank * layers
+    assert falqon["merge"]["merge_rows"] == falqon["proxy"]["rows_merged"] + falqon["proxy"]["rows_flushed"]
+    assert lora["merge"] is None and records[0]["loss_curve"] == []
+
+    assert quality.main([*args, "--no-ablations", "--device", "cpu"]) == 0  # everything done: nothing reruns
+    assert len(quality.read_records(tmp_path / "quality.jsonl")) == 4
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    assert [row["variant"] for row in summary["main"]] == ["bf16-lora", "falqon-row-keep"]
+    assert (tmp_path / "quality.png").stat().st_size > 0
