@@ -157,7 +157,9 @@ def plan_runs(
     falqon = {
         falqon_name(c): c
         for c in (
-            FalqonConfig(rank=rank, target_modules=list(TARGETS), weight_scaling=s, b_policy=p, merge_rounding=m)
+            FalqonConfig(
+                rank=rank, target_modules=list(TARGETS), weight_scaling=s, act_scaling=s, b_policy=p, merge_rounding=m
+            )
             for m in Rounding
             for s in ScaleGranularity
             for p in BPolicy  # new members join the study automatically

@@ -146,7 +146,7 @@ def vllm_engine_check(folder: Path, samples: Sequence[Sample]) -> VerifyResult:
     new_tokens = samples[0].input_ids.shape[1] - samples[0].prompt_len
     llm = LLM(model=str(folder), enforce_eager=True, gpu_memory_utilization=0.4, max_model_len=512)
     prompts = [{"prompt_token_ids": s.input_ids[0, : s.prompt_len].tolist()} for s in samples]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
     matched = identical = 0
     for sample, output in zip(samples, outputs, strict=True):
         want = sample.input_ids[0, sample.prompt_len :].tolist()
