@@ -18,6 +18,7 @@ import torch
 from falqon_lit.export import export_model
 from fp8_devices import requires_cuda_fp8
 
+from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import FalqonLinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +105,13 @@ def test_judge_vllm_passes_runtime_noise_and_fails_a_broken_model() -> None:
 
 
 # ------------------------------------------------------------------------------------------ trainer reference
-def test_trainer_reference_matches_hf_greedy_and_loss(tiny_trainer_parts) -> None:
+@pytest.mark.parametrize("act_scaling", ["tensor", "row"])  # one prompt at a time / all prompts in one batch
+def test_trainer_reference_matches_hf_greedy_and_loss(tiny_trainer_parts, act_scaling: str) -> None:
     torch.manual_seed(0)
-    module, _ = tiny_trainer_parts()
+    module, _ = tiny_trainer_parts({"falqon": FalqonConfig(act_scaling=act_scaling)})
     module.configure_model()
     model = module.model
-    prompts = [[1, 17, 42, 99, 5], [3, 200, 7]]
+    prompts = [[1, 17, 42, 99, 5], [3, 200, 7], [9, 8]]
     greedy, logprobs = sc.trainer_reference(model, prompts, 6)
     model.eval()
     for ids, tokens, lps in zip(prompts, greedy, logprobs, strict=True):
