@@ -568,7 +568,7 @@ def train(
             proxy.on_train_batch_end(trainer, model, None, batch, step - 1)
         losses.append(loss.detach())
     if proxy is not None:
-        proxy.on_fit_end(trainer, model)
+        proxy.on_train_end(trainer, model)
     return [round(v, 5) for v in torch.stack(losses).float().tolist()]
 
 

@@ -338,6 +338,7 @@ def train_smollm2(
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
+    module.cuda()  # Lightning's teardown leaves the model on the CPU; the references must run where it trained
     loss = trainer.callback_metrics.get("train/loss")
     facts = {
         "steps": trainer.global_step,

@@ -118,7 +118,8 @@ class RowwiseProxyUpdate(Callback):
             logger.log_metrics(metrics={"proxy/rows_merged": float(merged)}, step=step)
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_end: Lightning moves the model to the CPU before that hook (strategy teardown).
         if not self.flush_at_end:
             return
         self.rows_flushed = sum(layer.flush() for layer in falqon_layers(pl_module).values())

@@ -79,7 +79,8 @@ class ReplicaConsistencyCheck(Callback):
             self.check(trainer, pl_module, f"after optimizer step {step}")
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before the strategy's teardown moves the model to the CPU (NCCL collectives need device tensors).
         if self.check_at_end:
             self.check(trainer, pl_module, f"at the end of fit (step {trainer.global_step})")
 

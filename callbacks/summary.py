@@ -78,7 +78,9 @@ class FitSummary(Callback):
         self._start = time.perf_counter()
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_end: Lightning has moved the model to the CPU by then, and the after-fit evaluation and
+        # generation would run there (minutes for SmolLM2 on a GPU host). Place after RowwiseProxyUpdate.
         seconds = time.perf_counter() - self._start
         self.loss_after = self.evaluate(trainer, pl_module)
         self.samples_after = self._samples(trainer, pl_module)

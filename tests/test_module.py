@@ -55,6 +55,28 @@ def test_module_fit_lowers_validation_loss(tiny_trainer_parts, tmp_path: Path) -
     assert trainer.callback_metrics["val/loss"] < summary.loss_before
 
 
+def test_end_of_fit_work_runs_before_lightning_moves_the_model_to_cpu(
+    tiny_trainer_parts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's strategy teardown (model to CPU) precedes on_fit_end: flush and summary must not wait for it."""
+    module, data = tiny_trainer_parts()
+    events: list[str] = []
+
+    def spy(name: str, fn):
+        return lambda *args: (events.append(name), fn(*args))[1]
+
+    summary = FitSummary(eval_batches=1, num_samples=1, max_new_tokens=2)
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[RowwiseProxyUpdate(), summary])
+    monkeypatch.setattr(trainer.strategy, "teardown", spy("teardown", trainer.strategy.teardown))
+    monkeypatch.setattr(summary, "evaluate", spy("evaluate", summary.evaluate))
+    monkeypatch.setattr(FalqonLinear, "flush", spy("flush", FalqonLinear.flush))
+    trainer.fit(module, datamodule=data)
+    torn_down = events.index("teardown")
+    assert events.count("evaluate") == 2 and "flush" in events
+    last_flush = len(events) - 1 - events[::-1].index("flush")
+    assert last_flush < len(events) - 1 - events[::-1].index("evaluate") < torn_down  # flush, evaluate, teardown
+
+
 def test_module_gradient_checkpointing_gives_same_gradient(tiny_trainer_parts) -> None:
     grads = []
     for checkpointing in (False, True):
