@@ -104,6 +104,15 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
             "scheme; convert every layer with one FalqonConfig"
         )
     w_scaling, a_scaling = schemes.pop()
+    if a_scaling == ScaleGranularity.TENSOR:
+        # vLLM 0.26 (CompressedTensorsW8A8Fp8) maps every dynamic input scheme to per-token FP8 quantization,
+        # whatever strategy the config names: the served numerics then differ from the trained ones.
+        warnings.warn(
+            "the model was trained with per-tensor FP8 activations, but vLLM quantizes dynamic activations per "
+            "token: it serves the trained weights with slightly different activation rounding. Train with "
+            "act_scaling='row' (recipe 'fp8-row') for serving that matches training.",
+            stacklevel=2,
+        )
     for group in _fused_siblings(model):
         kinds = {isinstance(m, FalqonLinear) for _, m in group}
         if len(kinds) > 1:

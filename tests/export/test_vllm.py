@@ -133,12 +133,23 @@ def test_vllm_plan_refuses_fused_group_mixing_fp8_and_high_precision(tiny_factor
         plan_vllm_export(plain)
 
 
+def test_vllm_plan_warns_that_vllm_quantizes_dynamic_activations_per_token(tiny_factory):
+    model, _ = tiny_factory("row", "tensor")
+    with pytest.warns(UserWarning, match="vLLM quantizes dynamic activations per token"):
+        plan = plan_vllm_export(model)
+    assert plan.act_strategy == "tensor"  # the config still says what was trained
+    per_token, _ = tiny_factory("row", "row")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan_vllm_export(per_token).act_strategy == "token"
+
+
 def test_vllm_ignore_lists_unconverted_linears(tiny_factory):
     from transformers import LlamaForCausalLM
 
     model, _ = tiny_factory("tensor", "tensor")
     plain = LlamaForCausalLM(model.config)
-    convert_model(plain, FalqonConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj"]))
+    convert_model(plain, FalqonConfig(rank=16, target_modules=["q_proj", "k_proj", "v_proj"], act_scaling="row"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan = plan_vllm_export(plain)
