@@ -40,15 +40,28 @@ def melded_forward(
 def melded_grad_input(
     grad_2d: torch.Tensor,
     weight_t: Float8Tensor,
+    lora_B: torch.Tensor | None,
     act_scaling: ScaleGranularity,
     backend: Backend,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``Q_e5m2(grad) · W'`` for ``grad`` of shape ``(M, K)`` and the stored transpose ``W'_t`` ``(in, K)``.
+    """``dL/dx = Q_e5m2([g | g B]) · [W; A]``, or ``Q_e5m2(g) · W`` when ``lora_B`` is ``None`` (B known zero).
+
+    Args:
+        grad_2d: ``g`` ``(M, out)``.
+        weight_t: the row-major transpose ``[W; A]ᵀ`` ``(in, out + r)`` and its scale.
+        lora_B: ``B`` ``(out, r)`` (all rows), or ``None`` to skip the residual.
 
     A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
     gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
     """
+    out_features = grad_2d.shape[1]
+    if lora_B is not None:
+        grad_2d = torch.cat([grad_2d, grad_2d @ lora_B.to(grad_2d.dtype)], dim=1)  # (M, out + r)
+    else:
+        # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
+        scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
+        weight_t = Float8Tensor(weight_t.data[:, :out_features], scale)
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
@@ -91,18 +104,15 @@ class FalqonLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_b = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
 
-        # grad_input (Alg. 1): dL/dx = [g | g B] · [W; A], or g · W when B is zero; one E5M2 × E4M3 FP8 GEMM.
+        # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
         if ctx.needs_input_grad[0]:
-            if ctx.residual:
-                grad_aug = torch.cat([grad_2d, grad_2d @ lora_B.to(grad_2d.dtype)], dim=1)  # (M, out + r)
-                weight_t, scale = weight_t_fp8, weight_scale
-            else:
-                # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
-                weight_t = weight_t_fp8[:, :out_features]
-                scale = weight_scale[:out_features] if weight_scale.numel() > 1 else weight_scale
-                grad_aug = grad_2d
             grad_x_2d = melded_grad_input(
-                grad_aug, Float8Tensor(weight_t, scale), ctx.act_scaling, ctx.backend, out_dtype=grad_y.dtype
+                grad_2d,
+                Float8Tensor(weight_t_fp8, weight_scale),
+                lora_B if ctx.residual else None,
+                ctx.act_scaling,
+                ctx.backend,
+                out_dtype=grad_y.dtype,
             )
             grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t_fp8.shape[0])
 

@@ -87,19 +87,18 @@ class ShardedMeldedFunction(torch.autograd.Function):
             grad_b_full = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
             grad_b = reduce_scatter_rows_mean(grad_b_full, group)  # (out / world, r)
 
-        # grad_input (Alg. 1): dL/dx = [g | g B] · [W; A], or g · W when B is zero, on the re-gathered weight.
+        # grad_input (Alg. 1), on the re-gathered weight.
         if ctx.needs_input_grad[0]:
             melded, scale = gather_melded(weight_fp8, weight_scale, lora_A_fp8, lora_A_scale, group)
-            if ctx.residual:
-                lora_B_full = all_gather_rows(lora_B, group)
-                grad_aug = torch.cat([grad_2d, grad_2d @ lora_B_full.to(grad_2d.dtype)], dim=1)  # (M, out + r)
-            else:
-                melded = melded[:out_features]
-                scale = scale[:out_features] if scale.numel() > 1 else scale
-                grad_aug = grad_2d
-            weight_t = melded.t().contiguous()  # (in, K) row-major, as FalqonLinear's stored transpose
+            weight_t = melded.t().contiguous()  # (in, out + r) row-major, as FalqonLinear's stored transpose
+            del melded
             grad_x_2d = melded_grad_input(
-                grad_aug, Float8Tensor(weight_t, scale), ctx.act_scaling, ctx.backend, out_dtype=grad_y.dtype
+                grad_2d,
+                Float8Tensor(weight_t, scale),
+                all_gather_rows(lora_B, group) if ctx.residual else None,
+                ctx.act_scaling,
+                ctx.backend,
+                out_dtype=grad_y.dtype,
             )
             grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t.shape[0])
 
