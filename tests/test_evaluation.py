@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import tiny_llama as build_tiny_llama
 from torch import nn
 
 from falqon_lit.benchmarks_data import MultipleChoiceItem, hellaswag_preprocess, load_task, task_names
@@ -85,20 +86,8 @@ def smollm2_tokenizer():
 
 
 def _tiny_llama(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(vocab_size=vocab_size, tie_word_embeddings=True).eval()
 
 
 @pytest.fixture(scope="module")

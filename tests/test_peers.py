@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TINY_VOCAB, tiny_llama_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import TINY_VOCAB, tiny_llama
+from transformers import LlamaForCausalLM
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,8 +32,7 @@ peers = _load_peers()
 
 def _tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = {k: v for k, v in tiny_llama_config().items() if k != "model_type"}
-    return LlamaForCausalLM(LlamaConfig(**config)).to(dtype).eval()
+    return tiny_llama().to(dtype).eval()
 
 
 def _adapted_module_names(model: torch.nn.Module) -> set[str]:

@@ -18,3 +18,11 @@ def tiny_llama_config(**overrides: object) -> dict:
         "max_position_embeddings": 256,
         **overrides,
     }
+
+
+def tiny_llama(**overrides: object):
+    """A ``LlamaForCausalLM`` of :func:`tiny_llama_config` (random weights from the current torch seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = {k: v for k, v in tiny_llama_config(**overrides).items() if k != "model_type"}
+    return LlamaForCausalLM(LlamaConfig(**config))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from falqon_lit import FalqonConfig, InitMethod, convert_model, falqon_layers
 
@@ -59,19 +60,9 @@ def make_tiny(weight_scaling: str, act_scaling: str, seed: int = 0, bf16_exact: 
     bf16 export of embeddings/norms/lm_head is lossless and only the FP8 path is under test.
     """
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB,
-        max_position_embeddings=128,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=257,
+    model = tiny_llama(
+        vocab_size=TINY_VOCAB, max_position_embeddings=128, bos_token_id=256, eos_token_id=257, pad_token_id=257
     )
-    model = LlamaForCausalLM(config)
     if bf16_exact:
         for param in model.parameters():
             param.data = param.data.bfloat16().float()
