@@ -112,15 +112,39 @@ def transformers_candidate(folder: Path) -> Candidate:
     return run
 
 
+EXACT = Tolerance(
+    0.0,
+    1.0,
+    "the reference ran on the CPU, whose FP8 GEMM is compressed-tensors' own arithmetic (float32 GEMM of the "
+    "dequantized operands), and every exported high-precision tensor is exact in the export dtype: bit for bit",
+)
+"""Tolerance of a read-back that must reproduce the trainer exactly."""
+
+
+def _exact_on_cpu(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether transformers + compressed-tensors must reproduce the trainer's logits bit for bit.
+
+    Needs the reference on the CPU, high-precision tensors exact in ``dtype``, and no FALQON bias (compressed-tensors
+    adds it inside ``F.linear``, the trainer after the GEMM: another float32 rounding).
+    """
+    layers = falqon_layers(model).values()
+    return (
+        next(model.parameters()).device.type == "cpu"
+        and all(layer.bias is None for layer in layers)
+        and not hp_rounding(model, dtype)
+    )
+
+
 def verify_vllm_folder(
     folder: Path, model: nn.Module, samples: Sequence[Sample], dtype: torch.dtype
 ) -> list[VerifyResult]:
-    """transformers + compressed-tensors on CPU (gating), then vLLM where it can run."""
+    """transformers + compressed-tensors on CPU (gating; exact where it can be), then vLLM where it can run."""
+    exact = _exact_on_cpu(model, dtype)
     result = compare(
         samples,
         transformers_candidate(folder),
         "transformers + compressed-tensors (CPU)",
-        fp8_tolerance(samples, _rounding_note(model, dtype)),
+        EXACT if exact else fp8_tolerance(samples, _rounding_note(model, dtype)),
     )
     result.bytes_identical = vllm_bytes_identical(folder, model)
     return [result, vllm_engine_check(folder, samples)]
