@@ -4,8 +4,9 @@
 #   tests    every GPU test (CUDA FP8 numerics, kernels, proxy graphs, vLLM serving)
 #   fit      configs/smollm2-chat.yaml for $FIT_STEPS steps (default 300) with the summary callback, no
 #            mid-fit validation (clean step time); a hang gets a Python stack dump (SIGABRT + faulthandler)
-#   serve    benchmarks/serve_check.py (SmolLM2 through vLLM offline and `vllm serve`, then the 7B shape)
-#   quality  benchmarks/quality.py with $QUALITY_BUDGET seconds (default 500); resumable across calls
+#   serve    benchmarks/serve_check.py $SERVE_ARGS (SmolLM2 through vLLM offline and `vllm serve`, then the 7B shape)
+#   quality  benchmarks/quality.py $QUALITY_ARGS in $QUALITY_JOBS (4) concurrent shards, $QUALITY_BUDGET seconds
+#            (480) each; resumable across calls
 #   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
 # Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
 set -uo pipefail
@@ -51,12 +52,28 @@ fit() {
   cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_metrics.csv" 2>/dev/null
 }
 
-serve() { timeout 570 python3 benchmarks/serve_check.py --out "$out" 2>&1 | tee "$out/serve_check.log" | tail -30; }
+serve() {
+  timeout 570 python3 benchmarks/serve_check.py --out "$out" ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_check.log" | tail -30
+}
 
 quality() {
-  timeout 580 python3 benchmarks/quality.py --out /tmp/quality --time-budget "${QUALITY_BUDGET:-500}" \
-    2>&1 | tee "$out/quality.log" | tail -30
-  cp /tmp/quality/*.json* /tmp/quality/*.png "$out/" 2>/dev/null
+  # $QUALITY_JOBS processes share the GPU (SmolLM2's step is bound by host-side dispatch), each taking every
+  # N-th pending run; $QUALITY_RECORDS seeds /tmp/quality with earlier records (same settings: they are skipped).
+  local jobs=${QUALITY_JOBS:-4} i
+  mkdir -p /tmp/quality
+  if [ -n "${QUALITY_RECORDS:-}" ] && [ ! -e /tmp/quality/quality.jsonl ]; then
+    cp "$QUALITY_RECORDS" /tmp/quality/quality.jsonl
+  fi
+  for ((i = 0; i < jobs; i++)); do
+    OMP_NUM_THREADS=4 timeout 560 python3 benchmarks/quality.py --out /tmp/quality --shard "$i/$jobs" \
+      --time-budget "${QUALITY_BUDGET:-480}" ${QUALITY_ARGS:-} > "/tmp/quality/shard_$i.log" 2>&1 &
+  done
+  wait
+  for ((i = 0; i < jobs; i++)); do grep -E "^\[" "/tmp/quality/shard_$i.log" | sed "s/^/[shard $i] /"; done \
+    > "$out/quality_shards.log"
+  tail -n 40 /tmp/quality/shard_*.log | grep -iE "error|traceback" | head -5
+  python3 benchmarks/quality.py --out /tmp/quality --report-only ${QUALITY_ARGS:-} 2>&1 | tee "$out/quality.log" | tail -40
+  cp /tmp/quality/quality.jsonl /tmp/quality/quality_summary.json /tmp/quality/quality.png "$out/" 2>/dev/null
 }
 
 peers() {

@@ -14,16 +14,20 @@ gradient-norm clipping at 1.0, as the repo's configs):
   through its Lightning hooks;
 - ``fp8base-lora``: ``peers.py``'s ``torchao-fp8-lora`` (PEFT LoRA over torchao float8 linears), reported as
   skipped where torchao is missing;
-- ablations of the default FALQON variant on the first seed (held-out loss only): top-k rows, merge interval, init.
+- ablations of the default FALQON variant on the first seed (held-out loss only): top-k rows, merge interval, init;
+- ``<base>:export`` (first seed): the ablation base trained again, exported with ``falqon_lit.export`` to the vLLM
+  folder (compressed-tensors FP8), read back with transformers and evaluated next to the trainer's own model.
 
 Before (once per study configuration: the base model and the FP8 conversion FALQON starts from) and after each run:
 held-out loss (``falqon_lit.evaluation.heldout_loss`` on GSM8K held-out problems and chit-chat validation
 conversations) and 0-shot accuracy (ARC-Easy, ARC-Challenge, HellaSwag, BoolQ, an MMLU subset). One JSON line per
 finished run is appended to ``<out>/quality.jsonl``; a rerun skips runs already there, so the study can span
-several time-limited calls.
+several time-limited calls. ``--shard I/N`` runs every N-th pending run, so N processes can share one GPU (the
+SmolLM2 step is bound by host-side dispatch, not by the GPU); appends are serialized with a file lock.
 
 Usage:
     python benchmarks/quality.py --out DIR --time-budget 480      # again with the same DIR (JSONL) to continue
+    python benchmarks/quality.py --out DIR --shard 0/4 & ... --shard 3/4 & wait   # 4 processes, one GPU
     python benchmarks/quality.py --out DIR --report-only          # table, quality.png, quality_summary.json
     python benchmarks/quality.py --smoke --out /tmp/q             # tiny random Llama, 2 steps, CPU
 """
@@ -32,15 +36,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import fnmatch
 import functools
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections import defaultdict
@@ -118,6 +125,8 @@ class Run:
     every_n_steps: int = 1
     train: bool = True
     bench: bool = True
+    export: bool = False
+    """Also export to the vLLM folder and evaluate what transformers reads back from it."""
 
     @property
     def key(self) -> str:
@@ -133,6 +142,7 @@ class Run:
             "every_n_steps": self.every_n_steps,
             "train": self.train,
             "bench": self.bench,
+            "export": self.export,
         }
 
 
@@ -147,9 +157,15 @@ def _selected(name: str, patterns: list[str] | None) -> bool:
 
 
 def plan_runs(
-    seeds: list[int], rank: int, variants: list[str] | None, ablations: bool, ablation_base: str | None
+    seeds: list[int],
+    rank: int,
+    variants: list[str] | None,
+    ablations: bool,
+    ablation_base: str | None,
+    export_check: bool = False,
 ) -> list[Run]:
-    """Every run in execution order: befores, the main comparison seed by seed, then the ablations (first seed).
+    """Every run in execution order: befores, the main comparison seed by seed, the ablations (first seed), then
+    (``export_check``) the ablation base trained once more and evaluated through its vLLM export.
 
     Raises:
         ValueError: an ablation base that is not a FALQON variant name.
@@ -168,7 +184,7 @@ def plan_runs(
     main = [Run(BF16_LORA, "main", "peft"), *(Run(n, "main", "falqon", falqon=c) for n, c in falqon.items())]
     main = [r for r in [*main, Run(PEER, "main", "peer")] if _selected(r.name, variants)]
     base_name = ablation_base or falqon_name(FalqonConfig())
-    if ablations and base_name not in falqon:
+    if (ablations or export_check) and base_name not in falqon:
         raise ValueError(f"--ablation-base must be one of {sorted(falqon)}, got {base_name!r}")
     base = Run(base_name, "ablation", "falqon", seeds[0], falqon.get(base_name), bench=False)
     extra = (
@@ -180,6 +196,8 @@ def plan_runs(
         if ablations
         else []
     )
+    if export_check:
+        extra.append(replace(base, name=f"{base_name}:export", group="export", bench=True, export=True))
 
     scalings = {r.falqon.weight_scaling for r in [*main, *extra] if r.falqon is not None}
     befores = [Run("before:base", "before", "base", train=False)]
@@ -217,20 +235,40 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a later kill cannot lose it)."""
+    """Append one JSON line and flush it to disk (a later kill cannot lose it); an exclusive lock keeps the lines
+    of concurrent ``--shard`` processes whole."""
     text = json.dumps(record) + "\n"
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        text = "\n" + text  # the previous writer was killed mid-line
     with path.open("a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            text = "\n" + text  # the previous writer was killed mid-line
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def pending_runs(runs: list[Run], records: list[dict[str, Any]], study: str, retry_failed: bool = False) -> list[Run]:
     """Runs without a record of this study (``retry_failed``: without an ``ok`` record)."""
     done = {r["key"] for r in records if r.get("study") == study and (r["status"] == "ok" or not retry_failed)}
     return [r for r in runs if r.key not in done]
+
+
+def shard_of(runs: list[Run], spec: str | None) -> list[Run]:
+    """The runs of shard ``I/N`` (every N-th, from the I-th), or all of them without a spec.
+
+    Raises:
+        ValueError: a spec that is not ``I/N`` with ``0 <= I < N``.
+    """
+    if spec is None:
+        return runs
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {spec!r}")
+    return runs[index::count]
 
 
 def estimate_seconds(run: Run, records: list[dict[str, Any]], study: str) -> float | None:
@@ -284,7 +322,9 @@ def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
     rows = {name: _row(name, rs) for name, rs in by_name.items()}
     summary: dict[str, Any] = {"study": study, "before": [], "main": [], "ablation": []}
     for row in rows.values():
-        summary[row["group"]].append(_with_deltas(row, rows.get(BF16_LORA)))
+        if row["group"] != "export":
+            summary[row["group"]].append(_with_deltas(row, rows.get(BF16_LORA)))
+    summary["export"] = [export_row(r) for r in ok if r["group"] == "export"]
     ablations = [r for r in ok if r["group"] == "ablation"]
     if ablations:
         base_name, seed = ablations[0]["name"].split(":")[0], ablations[0]["seed"]
@@ -301,6 +341,21 @@ def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
         if r.get("study") == study and r["status"] != "ok" and r["key"] not in finished
     ]
     return summary
+
+
+def export_row(record: dict[str, Any]) -> dict[str, Any]:
+    """Trainer vs exported-folder scores of one export-check run (same weights, so any gap is the export's)."""
+    trainer, exported = record["metrics"], record["export"]["metrics"]
+    row = {"variant": record["name"], "seed": record["seed"]}
+    for metric in ("heldout_loss", "bench_acc"):
+        row[f"trainer_{metric}"], row[f"export_{metric}"] = trainer[metric], exported[metric]
+    row["delta_loss_pct"] = 100 * (exported["heldout_loss"] - trainer["heldout_loss"]) / trainer["heldout_loss"]
+    row["delta_acc_pts"] = 100 * (exported["bench_acc"] - trainer["bench_acc"])
+    row["tasks"] = {
+        task: {"trainer": trainer["bench"][task]["acc"], "export": exported["bench"][task]["acc"]}
+        for task in trainer["bench"]
+    }
+    return row
 
 
 def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 4) -> str:
@@ -332,6 +387,19 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{_pm(row['chat_loss'], None, digits=3):>7s} "
                 f"{_pm(row['bench_acc'], row['bench_acc_std'], 100, 1):>13s} {_signed(row['delta_acc_pts'], 'pt'):>8s} "
                 f"{'-' if lost is None else f'{100 * lost:.1f}':>7s}"
+            )
+    if summary.get("export"):
+        lines += [
+            "-- export (the trainer's model vs its vLLM folder read back by transformers: same weights)",
+            f"{'variant':44s} {'seed':>4s} {'held-out trainer':>16s} {'export':>8s} {'Δ loss':>8s} "
+            f"{'acc % trainer':>13s} {'export':>7s} {'Δ acc':>8s}",
+        ]
+        for row in summary["export"]:
+            lines.append(
+                f"{row['variant']:44s} {row['seed']:4d} {row['trainer_heldout_loss']:16.4f} "
+                f"{row['export_heldout_loss']:8.4f} {_signed(row['delta_loss_pct'], '%'):>8s} "
+                f"{100 * row['trainer_bench_acc']:13.1f} {100 * row['export_bench_acc']:7.1f} "
+                f"{_signed(row['delta_acc_pts'], 'pt'):>8s}"
             )
     lines += [f"not finished: {r['key']} {r['status']}: {r['reason']}" for r in summary["not_ok"]]
     lines.append(
@@ -509,6 +577,9 @@ def load_base(smoke: bool) -> tuple[nn.Module, Any]:
     if smoke:
         torch.manual_seed(0)
         model, tokenizer = LlamaForCausalLM(LlamaConfig(**SMOKE_LLAMA)), AutoTokenizer.from_pretrained(smollm2_path())
+        with torch.no_grad():  # bf16-exact weights, as a released checkpoint (buffers such as RoPE's stay float32)
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16))
     else:
         model, tokenizer = load_smollm2(torch.float32)
     model.config.use_cache = False
@@ -593,6 +664,31 @@ def evaluate_model(
     return metrics
 
 
+def require_export_reader() -> None:
+    """Raises ``SkipRun`` (before training) where transformers cannot read a compressed-tensors folder."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise SkipRun("compressed-tensors is not installed (transformers needs it to read the vLLM folder)")
+
+
+def export_and_evaluate(
+    model: nn.Module, tokenizer: Any, data: StudyData, device: torch.device, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Export ``model`` (flushed) to the vLLM folder, read it back with transformers + compressed-tensors and
+    evaluate it as the trainer's model was: the scores a user of the exported checkpoint gets."""
+    from falqon_lit.export import export_model
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        written = export_model(model, tokenizer, "vllm", Path(tmp) / "vllm", verify=False).out
+        # float32 reads the bf16 high-precision tensors exactly; autocast then computes as for the trainer
+        exported = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).to(device)
+        exported.config.use_cache = False
+        metrics = evaluate_model(exported, tokenizer, data, device, True, settings)
+    del exported
+    return {"metrics": metrics, "seconds": time.perf_counter() - start}
+
+
 def merge_totals(model: nn.Module) -> dict[str, Any] | None:
     """Merge counters summed over every ``FalqonLinear`` (``None`` for other models)."""
     layers = list(falqon_layers(model).values())
@@ -614,6 +710,8 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    if run.export:
+        require_export_reader()
     model = factory.build(run, settings["rank"])
     result: dict[str, Any] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     losses, proxy = [], None
@@ -627,6 +725,8 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     eval_start = time.perf_counter()
     result["metrics"] = evaluate_model(model, tokenizer, data, device, run.bench, settings)
     result["eval_s"] = time.perf_counter() - eval_start
+    if run.export:
+        result["export"] = export_and_evaluate(model, tokenizer, data, device, settings)
     result["loss_curve"] = losses
     result["merge"] = merge_totals(model) if run.train else None
     if proxy is not None:
@@ -673,6 +773,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated names or globs of main variants (e.g. 'bf16-lora,falqon-row-*')")
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--ablation-base", help="FALQON variant the ablations change (default: FalqonConfig() defaults)")
+    p.add_argument(
+        "--export-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the ablation base once more, export it to the vLLM folder and evaluate that too",
+    )
+    p.add_argument("--shard", help="I/N: run every N-th pending run from the I-th (N processes share the GPU)")
     p.add_argument("--time-budget", type=float, help="seconds: start no run that would not finish within it")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed or skipped")
     p.add_argument("--report-only", action="store_true", help="only print the table and write the summary files")
@@ -737,10 +844,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RECORDS
     variants = args.variants.split(",") if args.variants else None
-    runs = plan_runs([int(s) for s in args.seeds.split(",")], args.rank, variants, args.ablations, args.ablation_base)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = plan_runs(seeds, args.rank, variants, args.ablations, args.ablation_base, args.export_check)
     records = read_records(path)
-    todo = pending_runs(runs, records, study, args.retry_failed)
-    log(f"study {study}: {len(runs) - len(todo)} of {len(runs)} runs recorded in {path}; settings {settings}")
+    pending = pending_runs(runs, records, study, args.retry_failed)
+    todo = shard_of(pending, args.shard)
+    shard = f"; shard {args.shard}: {len(todo)} of the {len(pending)} pending" if args.shard else ""
+    log(f"study {study}: {len(runs) - len(pending)} of {len(runs)} runs recorded in {path}{shard}; settings {settings}")
     if todo and not args.report_only:
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -758,13 +868,15 @@ def main(argv: list[str] | None = None) -> int:
                 break
             log(f"run {index}/{len(todo)} {run.key} ...")
             record = run_record(run, factory, tokenizer, data, study, settings)
+            record["shard"] = args.shard  # runs of concurrent shards share the GPU: their step_ms is not a speed
             append_record(path, record)
             records.append(record)
             log(_run_line(run, record))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report(args.out, study)
+    if args.shard is None:  # concurrent shards leave the report to one --report-only call after them
+        report(args.out, study)
     return 0
 
 

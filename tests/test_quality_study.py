@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import multiprocessing
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -16,14 +17,18 @@ from falqon_lit.config import BPolicy, Rounding, ScaleGranularity
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
-@pytest.fixture(scope="module")
-def quality() -> ModuleType:
-    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("quality_study", _SCRIPT)
+def _load_quality(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
+    return _load_quality("quality_study")
 
 
 def _record(name: str, seed: int | None, heldout: float, acc: float | None = None, **fields: object) -> dict:
@@ -82,6 +87,27 @@ def test_plan_runs_unknown_ablation_base_raises(quality: ModuleType) -> None:
         quality.plan_runs([0], 16, None, True, "bf16-lora")
 
 
+def test_plan_runs_export_check_retrains_the_ablation_base_last(quality: ModuleType) -> None:
+    runs = quality.plan_runs([5, 6], 16, ["bf16-lora"], False, "falqon-row-keep-sr", export_check=True)
+    check = runs[-1]
+    assert [r.group for r in runs].count("export") == 1 and check.group == "export"
+    assert (check.name, check.seed, check.export, check.bench) == ("falqon-row-keep-sr:export", 5, True, True)
+    assert (check.falqon.weight_scaling, check.falqon.merge_rounding) == (ScaleGranularity.ROW, Rounding.STOCHASTIC)
+    assert "before:fp8-row" in [r.name for r in runs]  # its starting point is evaluated too
+    with pytest.raises(ValueError, match="--ablation-base must be one of"):
+        quality.plan_runs([0], 16, None, False, "fp8base-lora", export_check=True)
+
+
+def test_shard_of_splits_runs_round_robin_without_loss(quality: ModuleType) -> None:
+    runs = quality.plan_runs([0, 1], 16, None, True, None)
+    shards = [quality.shard_of(runs, f"{i}/3") for i in range(3)]
+    assert sorted(r.key for shard in shards for r in shard) == sorted(r.key for r in runs)
+    assert shards[1][:2] == [runs[1], runs[4]] and quality.shard_of(runs, None) == runs
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            quality.shard_of(runs, bad)
+
+
 # --------------------------------------------------------------------------------------------------- bookkeeping
 def test_pending_runs_skips_runs_recorded_for_the_same_study(quality: ModuleType) -> None:
     runs = quality.plan_runs([0], 16, ["bf16-lora", "fp8base-lora"], False, None)
@@ -102,6 +128,26 @@ def test_append_record_after_a_cut_line_keeps_every_record(quality: ModuleType, 
         f.write('{"b": 2, "cut')  # a writer killed mid-line
     quality.append_record(path, {"c": 3})
     assert quality.read_records(path) == [{"a": 1}, {"c": 3}]
+
+
+def _append_many(path: str, tag: int, count: int) -> None:
+    module = _load_quality("quality_study_child")
+    for i in range(count):
+        module.append_record(Path(path), {"tag": tag, "i": i, "pad": "x" * 5000})
+
+
+def test_append_record_from_concurrent_processes_keeps_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "quality.jsonl"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append_many, args=(str(path), tag, 40)) for tag in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses: no interleaved writes
+    assert sorted((r["tag"], r["i"]) for r in records) == [(t, i) for t in range(3) for i in range(40)]
 
 
 def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType) -> None:
@@ -166,6 +212,7 @@ def test_summarize_mean_std_and_deltas(quality: ModuleType) -> None:
 # --------------------------------------------------------------------------------------------------- smoke run
 def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Path) -> None:
     args = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "bf16-lora,falqon-row-keep"]
+    args += ["--no-export-check"]
     assert quality.main([*args, "--no-ablations", "--device", "cpu"]) == 0
     records = quality.read_records(tmp_path / "quality.jsonl")
     assert [(r["key"], r["status"]) for r in records] == [
@@ -189,3 +236,21 @@ def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Pa
     summary = json.loads((tmp_path / "quality_summary.json").read_text())
     assert [row["variant"] for row in summary["main"]] == ["bf16-lora", "falqon-row-keep"]
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_smoke_export_check_scores_the_export_like_the_trainer(quality: ModuleType, tmp_path: Path) -> None:
+    args = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "none", "--no-ablations"]
+    assert quality.main([*args, "--ablation-base", "falqon-row-keep-sr", "--device", "cpu"]) == 0
+    records = quality.read_records(tmp_path / "quality.jsonl")
+    assert [(r["key"], r["status"]) for r in records] == [
+        ("before:base@-", "ok"),
+        ("before:fp8-row@-", "ok"),
+        ("falqon-row-keep-sr:export@0", "ok"),
+    ]
+    trained, exported = records[-1]["metrics"], records[-1]["export"]["metrics"]
+    # On the CPU the FP8 GEMM is compressed-tensors' own arithmetic: the folder scores exactly as the trainer.
+    assert exported == trained and len(records[-1]["loss_curve"]) == 2
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    (row,) = summary["export"]
+    assert row["delta_acc_pts"] == 0.0 and row["delta_loss_pct"] == 0.0
+    assert set(row["tasks"]) == set(trained["bench"]) and summary["main"] == []
