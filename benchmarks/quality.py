@@ -324,7 +324,7 @@ def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
     for row in rows.values():
         if row["group"] != "export":
             summary[row["group"]].append(_with_deltas(row, rows.get(BF16_LORA)))
-    summary["export"] = [export_row(r) for r in ok if r["group"] == "export"]
+    summary["export"] = [row for r in ok if r["group"] == "export" for row in export_rows(r)]
     ablations = [r for r in ok if r["group"] == "ablation"]
     if ablations:
         base_name, seed = ablations[0]["name"].split(":")[0], ablations[0]["seed"]
@@ -343,19 +343,23 @@ def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
     return summary
 
 
-def export_row(record: dict[str, Any]) -> dict[str, Any]:
-    """Trainer vs exported-folder scores of one export-check run (same weights, so any gap is the export's)."""
-    trainer, exported = record["metrics"], record["export"]["metrics"]
-    row = {"variant": record["name"], "seed": record["seed"]}
-    for metric in ("heldout_loss", "bench_acc"):
-        row[f"trainer_{metric}"], row[f"export_{metric}"] = trainer[metric], exported[metric]
-    row["delta_loss_pct"] = 100 * (exported["heldout_loss"] - trainer["heldout_loss"]) / trainer["heldout_loss"]
-    row["delta_acc_pts"] = 100 * (exported["bench_acc"] - trainer["bench_acc"])
-    row["tasks"] = {
-        task: {"trainer": trainer["bench"][task]["acc"], "export": exported["bench"][task]["acc"]}
-        for task in trainer["bench"]
-    }
-    return row
+def export_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trainer vs exported-folder scores of one export-check run, one row per compute precision (same weights:
+    a gap is the export's or the arithmetic's)."""
+    rows = []
+    for compute, pair in record["export"]["compute"].items():
+        trainer, exported = pair["trainer"], pair["export"]
+        row = {"variant": record["name"], "seed": record["seed"], "compute": compute}
+        for metric in ("heldout_loss", "bench_acc"):
+            row[f"trainer_{metric}"], row[f"export_{metric}"] = trainer[metric], exported[metric]
+        row["delta_loss_pct"] = 100 * (exported["heldout_loss"] - trainer["heldout_loss"]) / trainer["heldout_loss"]
+        row["delta_acc_pts"] = 100 * (exported["bench_acc"] - trainer["bench_acc"])
+        row["tasks"] = {
+            task: {"trainer": trainer["bench"][task]["acc"], "export": exported["bench"][task]["acc"]}
+            for task in trainer["bench"]
+        }
+        rows.append(row)
+    return rows
 
 
 def _pm(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 4) -> str:
@@ -391,12 +395,12 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("export"):
         lines += [
             "-- export (the trainer's model vs its vLLM folder read back by transformers: same weights)",
-            f"{'variant':44s} {'seed':>4s} {'held-out trainer':>16s} {'export':>8s} {'Δ loss':>8s} "
+            f"{'variant':30s} {'seed':>4s} {'compute':>13s} {'held-out trainer':>16s} {'export':>8s} {'Δ loss':>8s} "
             f"{'acc % trainer':>13s} {'export':>7s} {'Δ acc':>8s}",
         ]
         for row in summary["export"]:
             lines.append(
-                f"{row['variant']:44s} {row['seed']:4d} {row['trainer_heldout_loss']:16.4f} "
+                f"{row['variant']:30s} {row['seed']:4d} {row['compute']:>13s} {row['trainer_heldout_loss']:16.4f} "
                 f"{row['export_heldout_loss']:8.4f} {_signed(row['delta_loss_pct'], '%'):>8s} "
                 f"{100 * row['trainer_bench_acc']:13.1f} {100 * row['export_bench_acc']:7.1f} "
                 f"{_signed(row['delta_acc_pts'], 'pt'):>8s}"
@@ -503,6 +507,17 @@ def fixed_batches(examples: list[dict[str, list[int]]], batch_size: int, steps: 
             batches.append(collate([examples[i] for i in indices], pad_id))
         epoch += 1
     return batches
+
+
+def pad_length(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``batch`` right-padded to a sequence length divisible by ``multiple`` (masked, unscored positions).
+
+    torchao's float8 GEMMs need every dimension divisible by 16, including the token count of the weight gradient
+    (an epoch's last, short batch can hold a single sequence of odd length).
+    """
+    extra = -batch["input_ids"].shape[1] % multiple
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    return {name: torch.nn.functional.pad(t, (0, extra), value=fill[name]) for name, t in batch.items()}
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -644,12 +659,19 @@ def train(
 
 
 def evaluate_model(
-    model: nn.Module, tokenizer: Any, data: StudyData, device: torch.device, bench: bool, settings: dict[str, Any]
+    model: nn.Module,
+    tokenizer: Any,
+    data: StudyData,
+    device: torch.device,
+    bench: bool,
+    settings: dict[str, Any],
+    autocast: bool = True,
 ) -> dict:
-    """Held-out losses and (``bench``) 0-shot accuracy per task, with the repo's evaluation API."""
+    """Held-out losses and (``bench``) 0-shot accuracy per task, with the repo's evaluation API (under bf16 autocast
+    on CUDA unless ``autocast`` is off)."""
     batch_size, max_length = settings["eval_batch_size"], settings["eval_max_length"]
     metrics: dict[str, Any] = {}
-    with _autocast(device):
+    with _autocast(device) if autocast else nullcontext():
         for name, (texts, prompts) in data.heldout.items():
             metrics[f"{name}_loss"] = heldout_loss(model, tokenizer, texts, prompts, batch_size, max_length)[0]
         metrics["heldout_loss"] = statistics.fmean(metrics[f"{name}_loss"] for name in data.heldout)
@@ -670,23 +692,39 @@ def require_export_reader() -> None:
         raise SkipRun("compressed-tensors is not installed (transformers needs it to read the vLLM folder)")
 
 
+def compute_name(device: torch.device, autocast: bool = True) -> str:
+    """How evaluation computes on ``device``: bf16 autocast (CUDA, as in training) or float32."""
+    return "bf16-autocast" if autocast and device.type == "cuda" else "float32"
+
+
 def export_and_evaluate(
-    model: nn.Module, tokenizer: Any, data: StudyData, device: torch.device, settings: dict[str, Any]
+    model: nn.Module, tokenizer: Any, data: StudyData, device: torch.device, settings: dict[str, Any], metrics: dict
 ) -> dict[str, Any]:
-    """Export ``model`` (flushed) to the vLLM folder, read it back with transformers + compressed-tensors and
-    evaluate it as the trainer's model was: the scores a user of the exported checkpoint gets."""
+    """Export ``model`` (flushed; ``metrics`` are its scores) to the vLLM folder, read it back with transformers +
+    compressed-tensors and evaluate it as the trainer's model was: the scores a user of the exported checkpoint gets.
+
+    On CUDA both are scored twice: under bf16 autocast (the study's evaluation; compressed-tensors then rounds its
+    dequantized operands and activation scales to bf16, the trainer's FP8 GEMM does not) and in float32, where both
+    compute the same products (the trainer's FP8 GEMM accumulates in float32) and the export itself is what is judged.
+    """
     from falqon_lit.export import export_model
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
+    compute = {compute_name(device): {"trainer": metrics}}
     with tempfile.TemporaryDirectory() as tmp:
         written = export_model(model, tokenizer, "vllm", Path(tmp) / "vllm", verify=False).out
         # float32 reads the bf16 high-precision tensors exactly; autocast then computes as for the trainer
         exported = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).to(device)
         exported.config.use_cache = False
-        metrics = evaluate_model(exported, tokenizer, data, device, True, settings)
+        compute[compute_name(device)]["export"] = evaluate_model(exported, tokenizer, data, device, True, settings)
+        if device.type == "cuda":
+            compute["float32"] = {
+                name: evaluate_model(m, tokenizer, data, device, True, settings, autocast=False)
+                for name, m in (("trainer", model), ("export", exported))
+            }
     del exported
-    return {"metrics": metrics, "seconds": time.perf_counter() - start}
+    return {"compute": compute, "seconds": time.perf_counter() - start}
 
 
 def merge_totals(model: nn.Module) -> dict[str, Any] | None:
@@ -717,6 +755,8 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     losses, proxy = [], None
     if run.train:
         batches = fixed_batches(data.train, settings["batch_size"], settings["steps"], run.seed, data.pad_id)
+        if run.kind == "peer":
+            batches = [pad_length(b, 16, data.pad_id) for b in batches]
         proxy = proxy_callback(run, model) if run.kind == "falqon" else None
         train_start = time.perf_counter()
         losses = train(model, batches, settings, device, proxy, step_context(run))
@@ -726,7 +766,7 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     result["metrics"] = evaluate_model(model, tokenizer, data, device, run.bench, settings)
     result["eval_s"] = time.perf_counter() - eval_start
     if run.export:
-        result["export"] = export_and_evaluate(model, tokenizer, data, device, settings)
+        result["export"] = export_and_evaluate(model, tokenizer, data, device, settings, result["metrics"])
     result["loss_curve"] = losses
     result["merge"] = merge_totals(model) if run.train else None
     if proxy is not None:

@@ -469,12 +469,15 @@ def free_port() -> int:
 
 
 def serve_command(folder: Path, port: int, gpu_memory_utilization: float) -> list[str]:
-    """``vllm serve`` on 127.0.0.1, eager (no compile: quick start), vLLM's neutral sampling defaults."""
+    """``vllm serve`` on 127.0.0.1, eager (no compile: quick start), vLLM's neutral sampling defaults, no prefix
+    caching (a cached prefix is reused from an earlier request's prefill, another kernel path: near-tied greedy
+    tokens then flip against the offline engine, which saw other requests)."""
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(folder),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
         "--gpu-memory-utilization", str(gpu_memory_utilization), "--max-model-len", "1024",
         "--enforce-eager", "--generation-config", "vllm", "--disable-uvicorn-access-log",
+        "--no-enable-prefix-caching",
     ]  # fmt: skip
 
 
@@ -597,7 +600,7 @@ def run_smollm2(args: argparse.Namespace, rec: Recorder) -> None:
 
         rec.stage("vllm.LLM (in-process, eager) on the export")
         start = time.perf_counter()
-        llm = load_llm(folder, 0.4, enforce_eager=True)
+        llm = load_llm(folder, 0.4, enforce_eager=True, enable_prefix_caching=False)  # as the server below
         rec.update(vllm_load_seconds=round(time.perf_counter() - start, 1))
         checks, facts = judge_vllm(ref32, ref, vllm_reference(llm, prompts, NEW_TOKENS))
         rec.update(vllm_vs_trainer=facts)

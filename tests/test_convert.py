@@ -142,7 +142,14 @@ def test_dense_state_dict_equals_deq_w_plus_ba():
 
 
 @pytest.mark.slow
-def test_convert_model_real_smollm2_stays_close_and_trains():
+@pytest.mark.parametrize(
+    ("scaling", "min_agree"),
+    # Measured on this prompt: tensor scales 0.17 relative error, 88% argmax agreement; row weight scales with
+    # per-token activations (the defaults) 0.23 and 78% (SmolLM2 has outlier activations). A wrong scale or layout
+    # gives O(1) error and chance-level agreement.
+    [(ScaleGranularity.TENSOR, 0.8), (ScaleGranularity.ROW, 0.7)],
+)
+def test_convert_model_real_smollm2_stays_close_and_trains(scaling: ScaleGranularity, min_agree: float):
     from falqon_lit.assets import load_smollm2
 
     torch.manual_seed(0)
@@ -156,16 +163,14 @@ def test_convert_model_real_smollm2_stays_close_and_trains():
     with torch.no_grad():
         reference_logits = model(ids).logits
     # Random A: the SVD of 210 error matrices costs minutes on 2 CPU cores and does not change the logits (B = 0).
-    report = convert_model(model, FalqonConfig(rank=16, init="random"))
+    report = convert_model(model, FalqonConfig(rank=16, init="random", weight_scaling=scaling, act_scaling=scaling))
     assert len(report.converted) == 30 * 7 and not report.skipped
     with torch.no_grad():
         logits = model(ids).logits
     err = _rel(logits, reference_logits)
     agree = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
     print(f"SmolLM2-135M: FP8 logits relative error {err:.4f}, next-token agreement {agree:.2%}")
-    # Measured 0.17 relative error and 88% argmax agreement on this prompt with per-tensor activation scales (SmolLM2
-    # has outlier activations); a wrong scale or layout gives O(1) error and chance-level agreement.
-    assert err < 0.3 and agree > 0.8
+    assert err < 0.3 and agree > min_agree
     model.train()
     losses = _train_steps(model, ids, steps=3, lr=1e-2)
     assert losses[-1] < losses[0]

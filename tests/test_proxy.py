@@ -16,7 +16,8 @@ from falqon_lit.proxy import merge_bits, row_scores, select_rows
 
 def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
     torch.manual_seed(torch.seed() % 2**31)  # fresh values every run
-    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy)
+    # nearest merges: what reference.merge computes (stochastic merges have their own tests below)
+    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy, merge_rounding=Rounding.NEAREST)
     layer = FalqonLinear.from_linear(nn.Linear(64, 96, device=device), config)
     with torch.no_grad():
         layer.lora_B.normal_(0, b_std)
@@ -160,7 +161,9 @@ def test_stochastic_merge_bits_depend_on_layer_row_and_merge_count():
 
 def test_proxy_update_counts_saturation_and_updates_lost_to_rounding():
     torch.manual_seed(21)
-    layer = FalqonLinear.from_linear(nn.Linear(64, 96), FalqonConfig(rank=16))  # tensor scale: clamps on merge
+    # tensor scale: clamps on merge; nearest rounding: loses what is below half an FP8 step
+    config = FalqonConfig(rank=16, weight_scaling=ScaleGranularity.TENSOR, merge_rounding=Rounding.NEAREST)
+    layer = FalqonLinear.from_linear(nn.Linear(64, 96), config)
     with torch.no_grad():
         layer.lora_B.zero_()
         layer.lora_B[0] = 1e6  # pushes row 0 far past the FP8 range of the kept tensor scale

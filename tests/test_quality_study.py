@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from falqon_lit.config import BPolicy, Rounding, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -70,7 +70,9 @@ def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleTyp
     assert seed0 == [r.name for r in main if r.seed == 2]
     ablations = [r for r in runs if r.group == "ablation"]
     assert [r.name.split(":")[1] for r in ablations] == ["k=1", "k=10", "k=all", "every=4", "every=16", "init=random"]
-    assert all(r.seed == 0 and not r.bench and r.name.startswith("falqon-tensor-zero:") for r in ablations)
+    default = quality.falqon_name(FalqonConfig())  # the ablations vary the library default
+    assert default == "falqon-row-keep-sr"
+    assert all(r.seed == 0 and not r.bench and r.name.startswith(f"{default}:") for r in ablations)
     assert ablations[-1].falqon.init.value == "random" and ablations[0].falqon.init.value == "svd"
     assert len({r.key for r in runs}) == len(runs)
 
@@ -151,7 +153,9 @@ def test_append_record_from_concurrent_processes_keeps_whole_lines(tmp_path: Pat
 
 
 def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType) -> None:
-    runs = {r.key: r for r in quality.plan_runs([0, 1], 16, ["bf16-lora", "falqon-tensor-zero"], True, None)}
+    runs = {
+        r.key: r for r in quality.plan_runs([0, 1], 16, ["bf16-lora", "falqon-tensor-zero"], True, "falqon-tensor-zero")
+    }
     records = [
         _record("bf16-lora", 0, 2.0, wall_s=20.0),
         _record("falqon-tensor-zero", 0, 2.0, wall_s=40.0),
@@ -247,10 +251,11 @@ def test_quality_smoke_export_check_scores_the_export_like_the_trainer(quality: 
         ("before:fp8-row@-", "ok"),
         ("falqon-row-keep-sr:export@0", "ok"),
     ]
-    trained, exported = records[-1]["metrics"], records[-1]["export"]["metrics"]
+    trained, compute = records[-1]["metrics"], records[-1]["export"]["compute"]
     # On the CPU the FP8 GEMM is compressed-tensors' own arithmetic: the folder scores exactly as the trainer.
-    assert exported == trained and len(records[-1]["loss_curve"]) == 2
+    assert list(compute) == ["float32"] and compute["float32"]["trainer"] == trained
+    assert compute["float32"]["export"] == trained and len(records[-1]["loss_curve"]) == 2
     summary = json.loads((tmp_path / "quality_summary.json").read_text())
     (row,) = summary["export"]
-    assert row["delta_acc_pts"] == 0.0 and row["delta_loss_pct"] == 0.0
+    assert row["delta_acc_pts"] == 0.0 and row["delta_loss_pct"] == 0.0 and row["compute"] == "float32"
     assert set(row["tasks"]) == set(trained["bench"]) and summary["main"] == []
