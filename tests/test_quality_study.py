@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,18 +17,14 @@ from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
 
-def _load_quality(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("quality_study", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def quality() -> ModuleType:
-    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
-    return _load_quality("quality_study")
 
 
 def _record(name: str, seed: int | None, heldout: float, acc: float | None = None, **fields: object) -> dict:
@@ -132,23 +128,25 @@ def test_append_record_after_a_cut_line_keeps_every_record(quality: ModuleType, 
     assert quality.read_records(path) == [{"a": 1}, {"c": 3}]
 
 
-def _append_many(path: str, tag: int, count: int) -> None:
-    module = _load_quality("quality_study_child")
-    for i in range(count):
-        module.append_record(Path(path), {"tag": tag, "i": i, "pad": "x" * 5000})
+_APPEND_MANY = """
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("quality_child", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+for i in range(40):
+    module.append_record(Path(sys.argv[2]), {"tag": int(sys.argv[3]), "i": i, "pad": "x" * 5000})
+"""
 
 
 def test_append_record_from_concurrent_processes_keeps_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "quality.jsonl"
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_append_many, args=(str(path), tag, 40)) for tag in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert [w.exitcode for w in workers] == [0, 0, 0]
-    lines = path.read_text().splitlines()
-    records = [json.loads(line) for line in lines]  # every line parses: no interleaved writes
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(_SCRIPT), str(path), str(tag)]) for tag in range(3)
+    ]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0, 0]
+    records = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses: none interleaved
     assert sorted((r["tag"], r["i"]) for r in records) == [(t, i) for t in range(3) for i in range(40)]
 
 
