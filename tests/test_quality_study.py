@@ -15,16 +15,30 @@ import pytest
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+_RECORDS = _SCRIPT.with_name("quality_records.py")
 
 
-@pytest.fixture(scope="module")
-def quality() -> ModuleType:
-    """``benchmarks/quality.py`` imported by path (``benchmarks/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("quality_study", _SCRIPT)
+def _load(name: str, path: Path) -> ModuleType:
+    """A benchmark script imported by path (``benchmarks/`` is not a package; its scripts import their siblings)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    """``benchmarks/quality.py``: the study runner."""
+    return _load("quality_study", _SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def study_records() -> ModuleType:
+    """``benchmarks/quality_records.py``: bookkeeping, summary, table."""
+    return _load("quality_records", _RECORDS)
 
 
 def _record(name: str, seed: int | None, heldout: float, acc: float | None = None, **fields: object) -> dict:
@@ -96,42 +110,44 @@ def test_plan_runs_export_check_retrains_the_ablation_base_last(quality: ModuleT
         quality.plan_runs([0], 16, None, False, "fp8base-lora", export_check=True)
 
 
-def test_shard_of_splits_runs_round_robin_without_loss(quality: ModuleType) -> None:
+def test_shard_of_splits_runs_round_robin_without_loss(quality: ModuleType, study_records: ModuleType) -> None:
     runs = quality.plan_runs([0, 1], 16, None, True, None)
-    shards = [quality.shard_of(runs, f"{i}/3") for i in range(3)]
+    shards = [study_records.shard_of(runs, f"{i}/3") for i in range(3)]
     assert sorted(r.key for shard in shards for r in shard) == sorted(r.key for r in runs)
-    assert shards[1][:2] == [runs[1], runs[4]] and quality.shard_of(runs, None) == runs
+    assert shards[1][:2] == [runs[1], runs[4]] and study_records.shard_of(runs, None) == runs
     for bad in ("3/3", "1", "a/b", "-1/2"):
         with pytest.raises(ValueError, match="--shard"):
-            quality.shard_of(runs, bad)
+            study_records.shard_of(runs, bad)
 
 
 # --------------------------------------------------------------------------------------------------- bookkeeping
-def test_pending_runs_skips_runs_recorded_for_the_same_study(quality: ModuleType) -> None:
+def test_pending_runs_skips_runs_recorded_for_the_same_study(quality: ModuleType, study_records: ModuleType) -> None:
     runs = quality.plan_runs([0], 16, ["bf16-lora", "fp8base-lora"], False, None)
     records = [
         _record("bf16-lora", 0, 2.0),
         _record("before:base", None, 3.0, group="before", study="other-settings"),
         _record("fp8base-lora", 0, 2.0, status="skipped"),
     ]
-    assert [r.key for r in quality.pending_runs(runs, records, "s1")] == ["before:base@-"]
-    retried = quality.pending_runs(runs, records, "s1", retry_failed=True)
+    assert [r.key for r in study_records.pending_runs(runs, records, "s1")] == ["before:base@-"]
+    retried = study_records.pending_runs(runs, records, "s1", retry_failed=True)
     assert [r.key for r in retried] == ["before:base@-", "fp8base-lora@0"]
 
 
-def test_append_record_after_a_cut_line_keeps_every_record(quality: ModuleType, tmp_path: Path) -> None:
+def test_append_record_after_a_cut_line_keeps_every_record(
+    quality: ModuleType, tmp_path: Path, study_records: ModuleType
+) -> None:
     path = tmp_path / "quality.jsonl"
-    quality.append_record(path, {"a": 1})
+    study_records.append_record(path, {"a": 1})
     with path.open("a") as f:
         f.write('{"b": 2, "cut')  # a writer killed mid-line
-    quality.append_record(path, {"c": 3})
-    assert quality.read_records(path) == [{"a": 1}, {"c": 3}]
+    study_records.append_record(path, {"c": 3})
+    assert study_records.read_records(path) == [{"a": 1}, {"c": 3}]
 
 
 _APPEND_MANY = """
 import importlib.util, sys
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("quality_child", sys.argv[1])
+spec = importlib.util.spec_from_file_location("quality_records_child", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
@@ -143,14 +159,14 @@ for i in range(40):
 def test_append_record_from_concurrent_processes_keeps_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "quality.jsonl"
     workers = [
-        subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(_SCRIPT), str(path), str(tag)]) for tag in range(3)
+        subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(_RECORDS), str(path), str(tag)]) for tag in range(3)
     ]
     assert [w.wait(timeout=120) for w in workers] == [0, 0, 0]
     records = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses: none interleaved
     assert sorted((r["tag"], r["i"]) for r in records) == [(t, i) for t in range(3) for i in range(40)]
 
 
-def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType) -> None:
+def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType, study_records: ModuleType) -> None:
     runs = {
         r.key: r for r in quality.plan_runs([0, 1], 16, ["bf16-lora", "falqon-tensor-zero"], True, "falqon-tensor-zero")
     }
@@ -161,22 +177,22 @@ def test_estimate_seconds_falls_back_from_name_to_group(quality: ModuleType) -> 
         _record("bf16-lora", 1, 2.0, wall_s=99.0, study="other"),
         _record("falqon-tensor-zero:k=1", 0, 2.0, wall_s=7.0, status="failed"),
     ]
-    assert quality.estimate_seconds(runs["falqon-tensor-zero@1"], records, "s1") == 45.0  # same name
-    assert quality.estimate_seconds(runs["bf16-lora@1"], records, "s1") == 20.0  # other study ignored
-    assert quality.estimate_seconds(runs["falqon-tensor-zero:k=10@0"], records, "s1") == 45.0  # same kind
-    assert quality.estimate_seconds(runs["bf16-lora@0"], [], "s1") is None
+    assert study_records.estimate_seconds(runs["falqon-tensor-zero@1"], records, "s1") == 45.0  # same name
+    assert study_records.estimate_seconds(runs["bf16-lora@1"], records, "s1") == 20.0  # other study ignored
+    assert study_records.estimate_seconds(runs["falqon-tensor-zero:k=10@0"], records, "s1") == 45.0  # same kind
+    assert study_records.estimate_seconds(runs["bf16-lora@0"], [], "s1") is None
 
 
-def test_fits_keeps_the_report_reserve(quality: ModuleType) -> None:
-    reserve = quality.REPORT_RESERVE_S
-    assert quality.fits(100.0, 50.0, 150.0 + reserve)
-    assert not quality.fits(100.0, 50.1, 150.0 + reserve)
-    assert quality.fits(1e9, None, 10.0)  # nothing to estimate from: start
-    assert quality.fits(1e9, 1e9, None)  # no budget
+def test_fits_keeps_the_report_reserve(study_records: ModuleType) -> None:
+    reserve = study_records.REPORT_RESERVE_S
+    assert study_records.fits(100.0, 50.0, 150.0 + reserve)
+    assert not study_records.fits(100.0, 50.1, 150.0 + reserve)
+    assert study_records.fits(1e9, None, 10.0)  # nothing to estimate from: start
+    assert study_records.fits(1e9, 1e9, None)  # no budget
 
 
 # ------------------------------------------------------------------------------------------------------- summary
-def test_summarize_mean_std_and_deltas(quality: ModuleType) -> None:
+def test_summarize_mean_std_and_deltas(study_records: ModuleType) -> None:
     records = [
         _record("before:base", None, 3.0, 0.30, group="before"),
         _record("bf16-lora", 0, 2.0, 0.40),
@@ -189,7 +205,7 @@ def test_summarize_mean_std_and_deltas(quality: ModuleType) -> None:
         _record("bf16-lora", 9, 2.1, 0.45),  # the retry of the failed run
         _record("bf16-lora", 7, 100.0, study="other"),
     ]
-    summary = quality.summarize(records, "s1")
+    summary = study_records.summarize(records, "s1")
     main = {row["variant"]: row for row in summary["main"]}
     ref, falqon = main["bf16-lora"], main["falqon-tensor-zero"]
     assert ref["n"] == 3 and ref["heldout_loss"] == pytest.approx(2.1) and ref["heldout_loss_std"] == pytest.approx(0.1)
@@ -207,16 +223,16 @@ def test_summarize_mean_std_and_deltas(quality: ModuleType) -> None:
     assert summary["not_ok"] == [
         {"key": "fp8base-lora@0", "status": "skipped", "reason": "skipped: torchao not installed"}
     ]
-    table = quality.format_table(summary)
+    table = study_records.format_table(summary)
     assert "+4.76%" in table and "-2.00pt" in table and "fp8base-lora@0 skipped" in table
 
 
 # --------------------------------------------------------------------------------------------------- smoke run
-def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Path) -> None:
+def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Path, study_records: ModuleType) -> None:
     args = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "bf16-lora,falqon-row-keep"]
     args += ["--no-export-check"]
     assert quality.main([*args, "--no-ablations", "--device", "cpu"]) == 0
-    records = quality.read_records(tmp_path / "quality.jsonl")
+    records = study_records.read_records(tmp_path / "quality.jsonl")
     assert [(r["key"], r["status"]) for r in records] == [
         ("before:base@-", "ok"),
         ("before:fp8-row@-", "ok"),
@@ -234,16 +250,18 @@ def test_quality_smoke_run_records_and_resumes(quality: ModuleType, tmp_path: Pa
     assert lora["merge"] is None and records[0]["loss_curve"] == []
 
     assert quality.main([*args, "--no-ablations", "--device", "cpu"]) == 0  # everything done: nothing reruns
-    assert len(quality.read_records(tmp_path / "quality.jsonl")) == 4
+    assert len(study_records.read_records(tmp_path / "quality.jsonl")) == 4
     summary = json.loads((tmp_path / "quality_summary.json").read_text())
     assert [row["variant"] for row in summary["main"]] == ["bf16-lora", "falqon-row-keep"]
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
-def test_quality_smoke_export_check_scores_the_export_like_the_trainer(quality: ModuleType, tmp_path: Path) -> None:
+def test_quality_smoke_export_check_scores_the_export_like_the_trainer(
+    quality: ModuleType, tmp_path: Path, study_records: ModuleType
+) -> None:
     args = ["--smoke", "--out", str(tmp_path), "--seeds", "0", "--variants", "none", "--no-ablations"]
     assert quality.main([*args, "--ablation-base", "falqon-row-keep-sr", "--device", "cpu"]) == 0
-    records = quality.read_records(tmp_path / "quality.jsonl")
+    records = study_records.read_records(tmp_path / "quality.jsonl")
     assert [(r["key"], r["status"]) for r in records] == [
         ("before:base@-", "ok"),
         ("before:fp8-row@-", "ok"),
