@@ -75,7 +75,7 @@ from torch import nn
 from falqon_lit.assets import load_smollm2, smollm2_path
 from falqon_lit.batching import LengthGroupedBatchSampler, collate
 from falqon_lit.benchmarks_data import load_task
-from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
+from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.convert import convert_model, falqon_layers
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.evaluation import chat_heldout_texts, heldout_loss, score_choices, task_result
@@ -255,28 +255,20 @@ def load_study_data(tokenizer: Any, settings: dict[str, Any]) -> StudyData:
     return StudyData(train, heldout, bench, tokenizer.pad_token_id)
 
 
-def fixed_batches(examples: list[dict[str, list[int]]], batch_size: int, steps: int, seed: int, pad_id: int) -> list:
-    """The first ``steps`` batches of the repo's seeded length-grouped sampler (epochs continue as in training)."""
+def fixed_batches(
+    examples: list[dict[str, list[int]]], batch_size: int, steps: int, seed: int, pad_id: int, multiple: int = 1
+) -> list:
+    """The first ``steps`` batches of the repo's seeded length-grouped sampler (epochs continue as in training),
+    each padded to a length divisible by ``multiple``."""
     sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size, seed=seed)
     batches: list[dict[str, torch.Tensor]] = []
     epoch = 0
     while len(batches) < steps:
         sampler.set_epoch(epoch)
         for indices in sampler.batches()[: steps - len(batches)]:
-            batches.append(collate([examples[i] for i in indices], pad_id))
+            batches.append(collate([examples[i] for i in indices], pad_id, multiple))
         epoch += 1
     return batches
-
-
-def pad_length(batch: dict[str, torch.Tensor], multiple: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """``batch`` right-padded to a sequence length divisible by ``multiple`` (masked, unscored positions).
-
-    torchao's float8 GEMMs need every dimension divisible by 16, including the token count of the weight gradient
-    (an epoch's last, short batch can hold a single sequence of odd length).
-    """
-    extra = -batch["input_ids"].shape[1] % multiple
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    return {name: torch.nn.functional.pad(t, (0, extra), value=fill[name]) for name, t in batch.items()}
 
 
 # -------------------------------------------------------------------------------------------------------- models
@@ -451,9 +443,9 @@ def require_export_reader() -> None:
         raise SkipRun("compressed-tensors is not installed (transformers needs it to read the vLLM folder)")
 
 
-def compute_name(device: torch.device, autocast: bool = True) -> str:
-    """How evaluation computes on ``device``: bf16 autocast (CUDA, as in training) or float32."""
-    return "bf16-autocast" if autocast and device.type == "cuda" else "float32"
+def compute_name(device: torch.device) -> str:
+    """How the study's evaluation computes on ``device``: bf16 autocast (CUDA, as in training) or float32."""
+    return "bf16-autocast" if device.type == "cuda" else "float32"
 
 
 def export_and_evaluate(
@@ -513,9 +505,10 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     result: dict[str, Any] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     losses, proxy = [], None
     if run.train:
-        batches = fixed_batches(data.train, settings["batch_size"], settings["steps"], run.seed, data.pad_id)
-        if run.kind == "peer":
-            batches = [pad_length(b, 16, data.pad_id) for b in batches]
+        # torchao's float8 GEMMs need the weight gradient's token count divisible by 16 (an epoch's last, short
+        # batch can hold one sequence of odd length)
+        multiple = FP8_GEMM_ALIGNMENT if run.kind == "peer" else 1
+        batches = fixed_batches(data.train, settings["batch_size"], settings["steps"], run.seed, data.pad_id, multiple)
         proxy = proxy_callback(run, model) if run.kind == "falqon" else None
         train_start = time.perf_counter()
         losses = train(model, batches, settings, device, proxy, step_context(run))

@@ -58,15 +58,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def append_record(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line and flush it to disk (a later kill cannot lose it); an exclusive lock keeps the lines
     of concurrent ``--shard`` processes whole."""
-    text = json.dumps(record) + "\n"
-    with path.open("a", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            text = "\n" + text  # the previous writer was killed mid-line
-        f.write(text)
+    line = (json.dumps(record) + "\n").encode()
+    with path.open("a+b") as f:  # writes always go to the end; reads see the last byte only
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        if size and f.read(1) != b"\n":
+            line = b"\n" + line  # the previous writer was killed mid-line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
-        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def pending_runs(
@@ -175,8 +176,8 @@ def export_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"variant": record["name"], "seed": record["seed"], "compute": compute}
         for metric in ("heldout_loss", "bench_acc"):
             row[f"trainer_{metric}"], row[f"export_{metric}"] = trainer[metric], exported[metric]
-        row["delta_loss_pct"] = 100 * (exported["heldout_loss"] - trainer["heldout_loss"]) / trainer["heldout_loss"]
-        row["delta_acc_pts"] = 100 * (exported["bench_acc"] - trainer["bench_acc"])
+        deltas = _with_deltas({metric: exported[metric] for metric in ("heldout_loss", "bench_acc")}, trainer)
+        row["delta_loss_pct"], row["delta_acc_pts"] = deltas["delta_loss_pct"], deltas["delta_acc_pts"]
         row["tasks"] = {
             task: {"trainer": trainer["bench"][task]["acc"], "export": exported["bench"][task]["acc"]}
             for task in trainer["bench"]

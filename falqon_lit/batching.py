@@ -135,9 +135,12 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.skip = self.consumed if self.consumed < len(self.batch_sampler) else 0
 
 
-def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: padding gets ``attention_mask`` 0 and label ``-100`` (never trained)."""
-    width = max(len(e["input_ids"]) for e in examples)
+def collate(examples: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to ``pad_to_multiple_of`` (a GEMM alignment, e.g. torchao's
+    float8 needs token counts divisible by 16): padding gets ``attention_mask`` 0 and label ``-100`` (never
+    trained)."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -142,23 +142,21 @@ def test_dense_state_dict_equals_deq_w_plus_ba():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("scaling", "min_agree"),
-    # Measured on this prompt: tensor scales 0.17 relative error, 88% argmax agreement; row weight scales with
-    # per-token activations (the defaults) 0.23 and 78% (SmolLM2 has outlier activations). A wrong scale or layout
-    # gives O(1) error and chance-level agreement.
-    [(ScaleGranularity.TENSOR, 0.8), (ScaleGranularity.ROW, 0.7)],
-)
-def test_convert_model_real_smollm2_stays_close_and_trains(scaling: ScaleGranularity, min_agree: float):
+@pytest.mark.parametrize("scaling", list(ScaleGranularity))
+def test_convert_model_real_smollm2_stays_close_and_trains(scaling: ScaleGranularity):
     from falqon_lit.assets import load_smollm2
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2(torch.float32)
     model.eval()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
-        tokenize=False,
-    )
+    chat = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And which river flows through it?"},
+        {"role": "assistant", "content": "The Seine flows through Paris, from east to west, before it reaches the "
+         "English Channel at Le Havre."},
+    ]  # fmt: skip
+    text = tokenizer.apply_chat_template(chat, tokenize=False)  # 82 tokens: agreement is not one token's luck
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         reference_logits = model(ids).logits
@@ -170,7 +168,10 @@ def test_convert_model_real_smollm2_stays_close_and_trains(scaling: ScaleGranula
     err = _rel(logits, reference_logits)
     agree = (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean().item()
     print(f"SmolLM2-135M: FP8 logits relative error {err:.4f}, next-token agreement {agree:.2%}")
-    assert err < 0.3 and agree > min_agree
+    # Measured on these 82 tokens: tensor scales 0.149 relative error, 90.2% argmax agreement; row weight scales
+    # with per-token activations 0.188 and 86.6% (SmolLM2 has outlier activations). A wrong scale or layout gives
+    # O(1) error and chance-level agreement.
+    assert err < 0.3 and agree > 0.8
     model.train()
     losses = _train_steps(model, ids, steps=3, lr=1e-2)
     assert losses[-1] < losses[0]

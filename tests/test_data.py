@@ -74,6 +74,15 @@ def test_collate_pads_without_training_padding() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_collate_pads_to_a_multiple_for_fp8_gemms() -> None:
+    examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (17, 3)]
+    batch = collate(examples, 0, pad_to_multiple_of=16)
+    assert batch["input_ids"].shape == (2, 32)  # 17 rounded up, not to 17 + 16
+    assert batch["labels"][0, 17:].eq(-100).all() and batch["attention_mask"].sum(dim=1).tolist() == [17, 3]
+    assert collate(examples[1:], 0, pad_to_multiple_of=16)["input_ids"].shape == (1, 16)
+    assert torch.equal(collate(examples, 0)["input_ids"], batch["input_ids"][:, :17])  # default: longest
+
+
 def test_length_grouped_sampler_deterministic_per_epoch_and_groups_lengths() -> None:
     lengths = [(i * 37) % 101 for i in range(64)]
     a, b = LengthGroupedBatchSampler(lengths, 4, seed=3), LengthGroupedBatchSampler(lengths, 4, seed=3)
