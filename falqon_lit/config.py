@@ -55,6 +55,9 @@ class Backend(str, enum.Enum):
     TORCH = "torch"
     """``torch._scaled_mm`` on CUDA with FP8 tensor cores; on CPU a float32 GEMM of the dequantized operands (the
     arithmetic compressed-tensors runs there, so exported and trained models agree bit for bit)."""
+    TE = "te"
+    """Transformer Engine's fused quantizers and cuBLASLt GEMM (CUDA, tensor scales; ``pip install
+    'falqon-lit[te]'``)."""
     EMULATE = "emulate"
     """Float64 dequantize-and-matmul on the same FP8 bytes: slow, exact, the test oracle."""
 
@@ -101,7 +104,8 @@ class FalqonConfig:
     """Rounding of merged rows: ``stochastic`` (unbiased; default) or ``nearest`` (paper, which loses updates below
     half an FP8 step); the final flush always rounds to nearest."""
     backend: Backend = Backend.AUTO
-    """GEMM backend: ``auto``, ``torch`` or ``emulate`` (float64 oracle)."""
+    """GEMM backend: ``auto`` (``torch``, the faster on the H100), ``torch``, ``te`` (Transformer Engine; needs
+    ``tensor`` weight and activation scaling) or ``emulate`` (float64 oracle)."""
     skip_unaligned: bool = True
     """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
 
@@ -127,6 +131,13 @@ class FalqonConfig:
             problems.append(
                 f"rank must be a positive multiple of {FP8_GEMM_ALIGNMENT} (FP8 GEMMs need out_features + rank "
                 f"divisible by {FP8_GEMM_ALIGNMENT}), got {self.rank!r}"
+            )
+        row_scaled = [n for n in ("weight_scaling", "act_scaling") if getattr(self, n) == ScaleGranularity.ROW]
+        if self.backend == Backend.TE and row_scaled:
+            problems.append(
+                f"backend 'te' needs tensor scaling (Transformer Engine's FP8 tensors carry one scale), but "
+                f"{' and '.join(row_scaled)} {'is' if len(row_scaled) == 1 else 'are'} 'row'; set them to 'tensor' "
+                f"or use backend 'torch'"
             )
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)

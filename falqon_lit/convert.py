@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from falqon_lit.config import FP8_GEMM_ALIGNMENT, FalqonConfig
+from falqon_lit import te_backend
+from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
 from falqon_lit.layer import FalqonLinear
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ def convert_model(
     Raises:
         ValueError: a target name that matches no linear, misaligned layers with ``skip_unaligned=False``, or no
             convertible layer at all.
+        ImportError: backend ``te`` without Transformer Engine installed.
     """
+    if config.backend == Backend.TE:
+        te_backend.require()  # fail before converting anything, not at the first forward
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if config.target_modules is not None:

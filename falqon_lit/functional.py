@@ -30,7 +30,7 @@ def melded_forward(
     backend: Backend,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
-    x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling)(x_2d)
+    x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
     out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
     # O stays a strided view (no copy of the big output); O_A is copied out (small) so that saving it for
     # backward does not keep the whole (M, out + r) buffer alive after O is gone.
@@ -65,7 +65,7 @@ def melded_grad_input(
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
-    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling)(grad_2d, col_scale)
+    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling, backend)(grad_2d, col_scale)
     return fp8_gemm(grad_fp8, Float8Tensor(weight_t.data, scale), out_dtype=out_dtype, backend=backend)
 
 

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import torch
 
+from falqon_lit import te_backend
 from falqon_lit.config import Backend
 from falqon_lit.quantizer import Float8Tensor
 
 
-def resolve_backend(backend: Backend) -> Backend:
-    """Turn ``auto`` into a concrete backend: ``torch`` runs on CPU and on FP8 GPUs alike."""
+def resolve_backend(backend: Backend, device: torch.device) -> Backend:
+    """Turn ``auto`` into a concrete backend for tensors on ``device``; check that ``te`` can run there.
+
+    ``auto`` is ``torch``: it runs on CPU and on FP8 GPUs alike, and on the H100 it was the faster backend
+    (benchmarks/RESULTS.md, "Backends").
+
+    Raises:
+        RuntimeError: ``te`` off CUDA. ImportError: ``te`` without Transformer Engine installed.
+    """
     if backend == Backend.AUTO:
         return Backend.TORCH
+    if backend == Backend.TE:
+        te_backend.require(device)
     return backend
 
 
@@ -31,14 +41,16 @@ def fp8_gemm(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype, backend: 
         a: left operand, scale ``(1,)`` or ``(M, 1)``.
         b: right operand as rows, scale ``(1,)`` or ``(N, 1)``; ``b.data.stride(1)`` must be 1.
         out_dtype: dtype of the result.
-        backend: ``torch`` (``torch._scaled_mm`` on CUDA, a float32 GEMM of the dequantized operands on CPU) or
-            ``emulate`` (float64, the oracle).
+        backend: ``torch`` (``torch._scaled_mm`` on CUDA, a float32 GEMM of the dequantized operands on CPU),
+            ``te`` (Transformer Engine's cuBLASLt GEMM; tensor scales) or ``emulate`` (float64, the oracle).
 
     Returns:
         ``(M, N)`` tensor in ``out_dtype``.
     """
     if backend == Backend.EMULATE:
         return (a.dequantize(torch.float64) @ b.dequantize(torch.float64).t()).to(out_dtype)
+    if backend == Backend.TE:
+        return te_backend.gemm(a.data, a.scale, b.data, b.scale, out_dtype)
     if a.data.device.type == "cpu":
         # CPU: a float32 GEMM of the dequantized operands (exact FP8 values times their scales), which is the
         # arithmetic compressed-tensors runs in transformers on CPU: the trainer's CPU forward is then bit for bit

@@ -143,7 +143,7 @@ class FalqonLinear(nn.Module):
     # --------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + B A)ᵀ + bias`` with ``W`` and ``A`` in FP8; exact whether or not ``B`` holds a residual."""
-        backend = resolve_backend(self.config.backend)
+        backend = resolve_backend(self.config.backend, x.device)
         y = FalqonLinearFunction.apply(
             x,
             self.lora_B,

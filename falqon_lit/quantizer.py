@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import torch
 
-from falqon_lit import kernels
-from falqon_lit.config import GemmRole, ScaleGranularity
+from falqon_lit import kernels, te_backend
+from falqon_lit.config import Backend, GemmRole, ScaleGranularity
 from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
 
 
@@ -35,10 +35,13 @@ class Float8Quantizer:
     Args:
         role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision).
         granularity: one scale per tensor, or one per row (token or output channel).
+        backend: ``te`` quantizes with Transformer Engine's kernels (tensor scales only); any other backend with
+            the fused Triton kernels on CUDA and the eager reference path elsewhere.
     """
 
     role: GemmRole
     granularity: ScaleGranularity
+    backend: Backend = Backend.TORCH
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,10 +51,14 @@ class Float8Quantizer:
     def __call__(self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None) -> Float8Tensor:
         """Quantize a 2-D tensor (times an optional per-column float32 multiplier) with a fresh amax.
 
-        On CUDA this runs the fused Triton kernels (no host sync); elsewhere the eager reference path.
+        On CUDA this runs fused kernels (no host sync); elsewhere the eager reference path.
         """
         if x_hp.dim() != 2:
             raise ValueError(f"Float8Quantizer expects a 2-D tensor, got shape {tuple(x_hp.shape)}")
+        if self.backend == Backend.TE:
+            if col_scale is not None or self.granularity != ScaleGranularity.TENSOR:
+                raise ValueError("backend 'te' quantizes with one scale per tensor only")
+            return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
         if kernels.available(x_hp):
             return Float8Tensor(*kernels.quantize_fused(x_hp, self.dtype, self.granularity, col_scale))
         if col_scale is not None:

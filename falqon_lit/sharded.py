@@ -101,7 +101,7 @@ class ShardedFalqonLinear(FalqonLinear):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + B A)ᵀ + bias`` for this rank's tokens, all ``out_features`` columns."""
-        backend = resolve_backend(self.config.backend)
+        backend = resolve_backend(self.config.backend, x.device)
         y = ShardedMeldedFunction.apply(
             x,
             self.lora_B.to_local(),  # autograd: the local gradient comes back as a Shard(0) DTensor gradient
