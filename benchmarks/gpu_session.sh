@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU-host session steps, one or more per call: bash benchmarks/gpu_session.sh PART [PART ...]
 #   install  staged wheels (once per host: .gpu-stage batches must have arrived) and this package
-#   tests    every GPU test (CUDA FP8 numerics, kernels, proxy graphs, vLLM serving)
+#   tests    every GPU test (CUDA FP8 numerics, kernels, proxy graphs, TE backend, vLLM serving), or $TESTS
+#   layers   benchmarks/layer_bench.py $LAYER_ARGS: one layer against its two FP8 GEMMs (both backends)
 #   fit      configs/smollm2-chat.yaml for $FIT_STEPS steps (default 300) with the summary callback, no
 #            mid-fit validation (clean step time); a hang gets a Python stack dump (SIGABRT + faulthandler)
 #   serve    benchmarks/serve_check.py $SERVE_ARGS (SmolLM2 through vLLM offline and `vllm serve`, then the 7B shape)
@@ -21,7 +22,10 @@ install() {
   python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v WARNING
   python3 - <<'PY' | tee "$out/versions.txt"
 import importlib, torch
-names = ["triton", "transformers", "lightning", "peft", "vllm", "torchao", "bitsandbytes", "compressed_tensors"]
+names = [
+    "triton", "transformers", "lightning", "peft", "vllm", "torchao", "bitsandbytes", "compressed_tensors",
+    "transformer_engine",
+]
 found = []
 for n in names:
     try:
@@ -33,9 +37,15 @@ PY
 }
 
 tests() {
-  timeout 420 python3 -m pytest tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py \
-    tests/test_proxy_graph.py tests/test_kernels.py tests/test_merge_kernel.py tests/test_convert.py \
-    tests/test_vllm_serving.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -4
+  local files=${TESTS:-tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py
+    tests/test_proxy_graph.py tests/test_kernels.py tests/test_merge_kernel.py tests/test_convert.py
+    tests/test_te_backend.py tests/test_vllm_serving.py}
+  timeout 420 python3 -m pytest $files -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -4
+}
+
+layers() {
+  timeout 300 python3 benchmarks/layer_bench.py --json "$out/layer.json" ${LAYER_ARGS:-} 2>&1 | tee "$out/layer.log" \
+    | tail -30
 }
 
 fit() {

@@ -7,6 +7,7 @@ Prints a table and writes JSON (``--json``). Times are medians of CUDA-event-tim
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 
@@ -88,6 +89,11 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
             layer = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
             linear.to(torch.bfloat16)
             row[f"falqon_w{ws.value}_a{act.value}"] = _time_ms(_fwd_bwd(layer, x, grad))
+    if importlib.util.find_spec("transformer_engine") is not None:
+        cfg = FalqonConfig(rank=rank, weight_scaling="tensor", act_scaling="tensor", backend="te")
+        layer = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
+        linear.to(torch.bfloat16)
+        row["falqon_te_wtensor_atensor"] = _time_ms(_fwd_bwd(layer, x, grad))
     return row
 
 

@@ -32,7 +32,15 @@ LLAMA_7B = {
     "max_position_embeddings": 2048,
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("falqon-tensor", "falqon-row", *PEERS)
+FALQON_VARIANTS = {
+    # name: (FalqonConfig.from_recipe name or None for the defaults, overrides)
+    "falqon-tensor": ("paper", {}),  # tensor scales, B zeroed after each merge, nearest merges: sessions 1-3's runs
+    "falqon-te": ("paper", {"backend": "te"}),  # the same on Transformer Engine's quantizers and GEMM
+    "falqon-default": (None, {}),  # what a user gets: row/per-token scales, B keep, stochastic merges
+    "falqon-default-tensor": (None, {"weight_scaling": "tensor", "act_scaling": "tensor"}),
+    "falqon-default-tensor-te": (None, {"weight_scaling": "tensor", "act_scaling": "tensor", "backend": "te"}),
+}
+VARIANTS = (*FALQON_VARIANTS, *PEERS)
 
 
 def _build(args: argparse.Namespace):
@@ -62,13 +70,16 @@ def run_variant(args: argparse.Namespace) -> dict:
     model = _build(args)
     proxy_ms: list[float] = []
     step_context = contextlib.nullcontext
+    config_repr = None
     if is_falqon:
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
         from falqon_lit.proxy_graph import ProxyUpdater
 
-        scaling = args.variant.split("-")[1]
+        recipe, overrides = FALQON_VARIANTS[args.variant]
         # Random A init: the speed does not depend on it, and 224 SVDs of 4096x11008 would dominate setup.
-        cfg = FalqonConfig(rank=args.rank, weight_scaling=scaling, act_scaling="tensor", init="random")
+        settings = {"rank": args.rank, "init": "random", **overrides}
+        cfg = FalqonConfig.from_recipe(recipe, **settings) if recipe else FalqonConfig(**settings)
+        config_repr = cfg.short_repr()
         convert_model(model, cfg)
         updater = ProxyUpdater(list(falqon_layers(model).values()), use_cuda_graph=not args.no_graph)
 
@@ -115,6 +126,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
+        "config": config_repr,
         "step_ms": median,
         "tokens_per_s": args.batch * args.seq / median * 1e3,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -148,10 +160,10 @@ def _print_table(results: list[dict]) -> None:
     """Step time, tokens/s and peak memory per run, plus each FALQON variant's speedup over each peer."""
     falqon = [v for v in dict.fromkeys(r["variant"] for r in results) if v.startswith("falqon")]
     step_ms = {(r["variant"], r["grad_ckpt"]): r["step_ms"] for r in results if "step_ms" in r}
-    heads = f"{'variant':18s} {'ckpt':4s} {'step ms':>9s} {'tok/s':>9s} {'peak GiB':>9s} {'proxy ms':>9s}"
+    heads = f"{'variant':24s} {'ckpt':4s} {'step ms':>9s} {'tok/s':>9s} {'peak GiB':>9s} {'proxy ms':>9s}"
     print("\n" + heads + "".join(f" {v + ' speedup':>22s}" for v in falqon))
     for r in results:
-        head = f"{r['variant']:18s} {'on' if r['grad_ckpt'] else 'off':4s}"
+        head = f"{r['variant']:24s} {'on' if r['grad_ckpt'] else 'off':4s}"
         if "step_ms" not in r:
             print(f"{head} {r.get('skipped') or 'failed: ' + r['error']}")
             continue
