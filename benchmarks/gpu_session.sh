@@ -8,6 +8,7 @@
 #   serve    benchmarks/serve_check.py $SERVE_ARGS (SmolLM2 through vLLM offline and `vllm serve`, then the 7B shape)
 #   quality  benchmarks/quality.py $QUALITY_ARGS in $QUALITY_JOBS (4) concurrent shards, $QUALITY_BUDGET seconds
 #            (480) each; resumable across calls
+#   proxy    benchmarks/profile_proxy.py: the whole-model proxy update (7B shape), nearest and stochastic merges
 #   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
 # Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
 set -uo pipefail
@@ -84,6 +85,13 @@ quality() {
   tail -n 40 /tmp/quality/shard_*.log | grep -iE "error|traceback" | head -5
   python3 benchmarks/quality.py --out /tmp/quality --report-only ${QUALITY_ARGS:-} 2>&1 | tee "$out/quality.log" | tail -40
   cp /tmp/quality/quality.jsonl /tmp/quality/quality_summary.json /tmp/quality/quality.png "$out/" 2>/dev/null
+}
+
+proxy() {
+  local rounding
+  for rounding in nearest stochastic; do
+    timeout 200 python3 benchmarks/profile_proxy.py --rounding $rounding 2>&1 | tee "$out/proxy_$rounding.log" | head -20
+  done
 }
 
 peers() {

@@ -1,6 +1,6 @@
 """Profile the whole-model row-wise proxy update of a LLaMA-7B-shaped set of FALQON layers (CUDA).
 
-Usage: python benchmarks/profile_proxy.py [--layers 32] [--rank 64] [--scaling tensor]
+Usage: python benchmarks/profile_proxy.py [--layers 32] [--rank 64] [--scaling row] [--rounding stochastic]
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--scaling", default="tensor")
+    parser.add_argument("--scaling", default=FalqonConfig.weight_scaling.value, help="weight scaling: tensor or row")
+    parser.add_argument("--rounding", default=FalqonConfig.merge_rounding.value, help="stochastic or nearest")
     args = parser.parse_args()
-    cfg = FalqonConfig(rank=args.rank, weight_scaling=args.scaling, init="random")
+    cfg = FalqonConfig(rank=args.rank, weight_scaling=args.scaling, merge_rounding=args.rounding, init="random")
+    print(f"{args.layers * len(SHAPES)} layers, {cfg.short_repr()}")
     layers = []
     for _ in range(args.layers):
         for k, n in SHAPES:

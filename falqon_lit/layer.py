@@ -226,10 +226,11 @@ class FalqonLinear(nn.Module):
         self.merge_rows += rows.numel()
         self.merge_calls += 1
         stochastic = rounding == Rounding.STOCHASTIC
-        if not stochastic and merge_kernel.available(self.weight_fp8):
+        if merge_kernel.available(self.weight_fp8):
             stats = merge_kernel.merge_rows_fused(
-                rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features
-            )
+                rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features,
+                merge_count=self.merge_calls if stochastic else None, salt=self.salt,
+            )  # fmt: skip
             self.merge_saturated += stats[0].long()
             self.merge_lost += stats[1].long()
             self.merge_magnitude += stats[2]

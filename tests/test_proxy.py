@@ -122,15 +122,16 @@ def test_flush_makes_dense_weight_equal_deq_w_plus_ba(weight_scaling, b_policy):
     assert layer.flush() == 0  # idempotent: nothing left to merge
 
 
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: the fused Triton merge; CPU: the eager one
 @pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
-def test_stochastic_merges_apply_small_updates_on_average(weight_scaling):
+def test_stochastic_merges_apply_small_updates_on_average(device, weight_scaling):
     """Twenty updates of at most 10% of an FP8 step: nearest rounding loses them all, stochastic applies their sum."""
     torch.manual_seed(torch.seed() % 2**31)
-    base = nn.Linear(64, 96)
+    base = nn.Linear(64, 96, device=device)
     with torch.no_grad():  # every weight in one binade (one FP8 step) and below the range's edge
         base.weight.copy_(torch.sign(torch.randn(96, 64)) * torch.empty(96, 64).uniform_(0.6, 0.85))
         base.weight[:, 0] = 1.0  # each row's amax: scaled values in [269, 381], spacing 32 scale units
-    delta_b = torch.randn(96, 16, dtype=torch.float64)
+    delta_b = torch.randn(96, 16, dtype=torch.float64, device=device)
     gains = {}
     for rounding in Rounding:
         config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=BPolicy.KEEP, merge_rounding=rounding)
