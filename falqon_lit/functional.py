@@ -55,9 +55,9 @@ def melded_grad_input(
     A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
     gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
     """
-    out_features = grad_2d.shape[1]
+    out_features, tail = grad_2d.shape[1], None
     if lora_B is not None:
-        grad_2d = torch.cat([grad_2d, grad_2d @ lora_B.to(grad_2d.dtype)], dim=1)  # (M, out + r)
+        tail = grad_2d @ lora_B.to(grad_2d.dtype)  # (M, r): quantized as the last r columns of [g | g B]
     else:
         # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
         scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
@@ -65,7 +65,7 @@ def melded_grad_input(
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
-    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling, backend)(grad_2d, col_scale)
+    grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling, backend)(grad_2d, col_scale, tail)
     return fp8_gemm(grad_fp8, Float8Tensor(weight_t.data, scale), out_dtype=out_dtype, backend=backend)
 
 
@@ -88,7 +88,9 @@ class FalqonLinearFunction(torch.autograd.Function):
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
         o, o_a = melded_forward(x_2d, Float8Tensor(weight_fp8, weight_scale), out_features, act_scaling, backend)
         # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
-        y = torch.addmm(o, o_a, lora_B.t().to(o.dtype)) if residual else o
+        # Otherwise O += O_A Bᵀ in place: cuBLAS reads and writes the strided view once (beta = 1), where an
+        # out-of-place addmm would first copy O into a new tensor.
+        y = o.addmm_(o_a, lora_B.t().to(o.dtype)) if residual else o
         ctx.save_for_backward(o_a, lora_B, weight_t_fp8, weight_scale)
         ctx.act_scaling, ctx.backend, ctx.residual = act_scaling, backend, residual
         return y.reshape(*x.shape[:-1], out_features)

@@ -4,7 +4,9 @@ Eager PyTorch spends more time quantizing an activation than the FP8 GEMM that c
 → divide → clamp → cast: six passes over memory). Here a tensor-scaled quantization is two passes (amax with an
 atomic max into a device scalar, then a cast that reads the scale on device) and a row-scaled one is a single pass
 (each program owns whole rows). An optional per-column multiplier folds a row weight scale into the gradient
-(see ``functional.melded_grad_input``) inside the same passes.
+(see ``functional.melded_grad_input``) inside the same passes, and an optional ``tail`` is quantized as extra
+columns of the same tensor: the melded backward quantizes ``[g | g·B]`` without ever building the concatenation
+(a copy of the whole gradient per layer).
 
 The kernels produce the same bytes as ``numerics.quantize_dynamic`` (same fp32 amax, same ``amax / fp8_max``,
 round-to-nearest-even division, saturating cast); the GPU tests check that bit for bit.
@@ -44,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _cast_kernel(
-        x_ptr, col_scale_ptr, amax_ptr, out_ptr, scale_ptr, rows, cols, stride, fp8_limit, eps,
+        x_ptr, col_scale_ptr, amax_ptr, out_ptr, scale_ptr, rows, cols, stride, out_stride, fp8_limit, eps,
         HAS_COL: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
@@ -56,33 +58,43 @@ if triton is not None:
         if HAS_COL:
             x = x * tl.load(col_scale_ptr + offs, mask=mask, other=0.0)
         q = tl.clamp(tl.math.div_rn(x, scale), -fp8_limit, fp8_limit)
-        tl.store(out_ptr + row * cols + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * out_stride + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
         if (row == 0) & (col_block == 0):
             tl.store(scale_ptr, scale)
 
     @triton.jit
+    def _load_row(x_ptr, tail_ptr, col_scale_ptr, row, offs, cols, tail_cols, stride, tail_stride, HAS_COL, HAS_TAIL):
+        """Columns ``offs`` of row ``row`` of ``[x | tail]`` (times the column scale), float32, 0 past the end."""
+        mask = offs < cols
+        x = tl.load(x_ptr + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_TAIL:
+            tail_mask = (offs >= cols) & (offs < cols + tail_cols)
+            x += tl.load(tail_ptr + row * tail_stride + (offs - cols), mask=tail_mask, other=0.0).to(tl.float32)
+            mask = mask | tail_mask
+        if HAS_COL:
+            x = x * tl.load(col_scale_ptr + offs, mask=mask, other=0.0)
+        return x, mask
+
+    @triton.jit
     def _row_quant_kernel(
-        x_ptr, col_scale_ptr, out_ptr, scale_ptr, cols, stride, fp8_limit, eps,
-        HAS_COL: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr, tail_ptr, col_scale_ptr, out_ptr, scale_ptr, cols, tail_cols, stride, tail_stride, fp8_limit, eps,
+        HAS_COL: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
+        width = cols + tail_cols
         amax = tl.zeros((), dtype=tl.float32)
-        for start in range(0, cols, BLOCK):  # pass 1 over the row (stays in L1/L2 for the second)
+        for start in range(0, width, BLOCK):  # pass 1 over the row (stays in L1/L2 for the second)
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < cols
-            x = tl.load(x_ptr + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_scale_ptr + offs, mask=mask, other=0.0)
+            x, _ = _load_row(x_ptr, tail_ptr, col_scale_ptr, row, offs, cols, tail_cols, stride, tail_stride,
+                             HAS_COL, HAS_TAIL)  # fmt: skip
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
         scale = tl.maximum(amax, eps) / fp8_limit
-        for start in range(0, cols, BLOCK):
+        for start in range(0, width, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            mask = offs < cols
-            x = tl.load(x_ptr + row * stride + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_scale_ptr + offs, mask=mask, other=0.0)
+            x, mask = _load_row(x_ptr, tail_ptr, col_scale_ptr, row, offs, cols, tail_cols, stride, tail_stride,
+                                HAS_COL, HAS_TAIL)  # fmt: skip
             q = tl.clamp(tl.math.div_rn(x, scale), -fp8_limit, fp8_limit)
-            tl.store(out_ptr + row * cols + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + row * width + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
 
@@ -91,35 +103,55 @@ def quantize_fused(
     dtype: torch.dtype = E4M3,
     granularity: ScaleGranularity = ScaleGranularity.TENSOR,
     col_scale: torch.Tensor | None = None,
+    tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``x_hp * col_scale`` (``col_scale`` optional, one float32 per column) to FP8 on CUDA.
+    """Quantize ``[x_hp | tail] * col_scale`` (``tail`` and ``col_scale`` optional) to FP8 on CUDA.
+
+    Args:
+        x_hp: ``(M, N)``, unit column stride.
+        col_scale: one float32 per column of the whole ``(M, N + T)`` tensor.
+        tail: ``(M, T)`` extra columns, unit column stride.
 
     Returns:
-        ``(x_fp8, scale)`` exactly as ``numerics.quantize_dynamic`` of ``x_hp.float() * col_scale`` would.
+        ``(x_fp8 (M, N + T), scale)`` exactly as ``numerics.quantize_dynamic`` of ``torch.cat([x_hp, tail], 1).float()
+        * col_scale`` would.
     """
     rows, cols = x_hp.shape
-    out = torch.empty(rows, cols, dtype=dtype, device=x_hp.device)
+    tail_cols = 0 if tail is None else tail.shape[1]
+    out = torch.empty(rows, cols + tail_cols, dtype=dtype, device=x_hp.device)
     has_col = col_scale is not None
     col = col_scale.reshape(-1).float().contiguous() if has_col else x_hp  # dummy pointer when unused
     limit = fp8_max(dtype)
     if granularity == ScaleGranularity.ROW:
         scale = torch.empty(rows, 1, dtype=torch.float32, device=x_hp.device)
-        block = min(triton.next_power_of_2(cols), 8192)
+        block = min(triton.next_power_of_2(cols + tail_cols), 8192)
+        tail_arg, tail_stride = (x_hp, 0) if tail is None else (tail, tail.stride(0))
         _row_quant_kernel[(rows,)](
-            x_hp, col, out, scale, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block, num_warps=_warps(block)
-        )
+            x_hp, tail_arg, col, out, scale, cols, tail_cols, x_hp.stride(0), tail_stride, limit, AMAX_EPS,
+            has_col, tail is not None, block, num_warps=_warps(block),
+        )  # fmt: skip
         return out, scale
     # One allocation for both scalars; cuBLAS wants the scale 16-byte aligned, so amax sits 4 floats later.
     scale_and_amax = torch.zeros(8, dtype=torch.float32, device=x_hp.device)
     scale, amax = scale_and_amax[:1], scale_and_amax[4:5]
-    block = min(triton.next_power_of_2(cols), 4096)
-    grid = (rows, triton.cdiv(cols, block))
-    warps = _warps(block)
-    _amax_kernel[grid](x_hp, col, amax, rows, cols, x_hp.stride(0), has_col, block, num_warps=warps)
-    _cast_kernel[grid](
-        x_hp, col, amax, out, scale, rows, cols, x_hp.stride(0), limit, AMAX_EPS, has_col, block, num_warps=warps
-    )
+    # The tail is a second segment of the same tensor: both amax passes fold into one scalar before any cast.
+    segments = [(x_hp, col, 0)] + ([] if tail is None else [(tail, col[cols:] if has_col else tail, cols)])
+    for part, part_col, _ in segments:
+        grid, block, warps = _tensor_grid(part)
+        _amax_kernel[grid](part, part_col, amax, rows, part.shape[1], part.stride(0), has_col, block, num_warps=warps)
+    for part, part_col, start in segments:
+        grid, block, warps = _tensor_grid(part)
+        _cast_kernel[grid](
+            part, part_col, amax, out[:, start:], scale, rows, part.shape[1], part.stride(0), out.stride(0), limit,
+            AMAX_EPS, has_col, block, num_warps=warps,
+        )  # fmt: skip
     return out, scale
+
+
+def _tensor_grid(part: torch.Tensor) -> tuple[tuple[int, int], int, int]:
+    """Grid, block width and warps of a tensor-scaled pass: one program per (row, block of columns)."""
+    block = min(triton.next_power_of_2(part.shape[1]), 4096)
+    return (part.shape[0], triton.cdiv(part.shape[1], block)), block, _warps(block)
 
 
 def _warps(block: int) -> int:

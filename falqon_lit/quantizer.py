@@ -48,19 +48,26 @@ class Float8Quantizer:
         """The FP8 format for this role."""
         return _ROLE_DTYPE[self.role]
 
-    def __call__(self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None) -> Float8Tensor:
-        """Quantize a 2-D tensor (times an optional per-column float32 multiplier) with a fresh amax.
+    def __call__(
+        self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None, tail: torch.Tensor | None = None
+    ) -> Float8Tensor:
+        """Quantize a 2-D tensor, with optional extra columns ``tail``, times an optional per-column float32
+        multiplier, with a fresh amax: the FP8 tensor of ``[x_hp | tail] * col_scale``.
 
-        On CUDA this runs fused kernels (no host sync); elsewhere the eager reference path.
+        On CUDA this runs fused kernels (no host sync), which read ``tail`` in place instead of concatenating;
+        elsewhere the eager reference path.
         """
         if x_hp.dim() != 2:
             raise ValueError(f"Float8Quantizer expects a 2-D tensor, got shape {tuple(x_hp.shape)}")
         if self.backend == Backend.TE:
             if col_scale is not None or self.granularity != ScaleGranularity.TENSOR:
                 raise ValueError("backend 'te' quantizes with one scale per tensor only")
+            x_hp = x_hp if tail is None else torch.cat([x_hp, tail], dim=1)
             return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
         if kernels.available(x_hp):
-            return Float8Tensor(*kernels.quantize_fused(x_hp, self.dtype, self.granularity, col_scale))
+            return Float8Tensor(*kernels.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
+        if tail is not None:
+            x_hp = torch.cat([x_hp, tail], dim=1)
         if col_scale is not None:
             x_hp = x_hp.float() * col_scale.reshape(1, -1)
         return Float8Tensor(*quantize_dynamic(x_hp, self.dtype, self.granularity))

@@ -43,3 +43,23 @@ def test_quantize_fused_strided_rows():
     got, _ = kernels.quantize_fused(view, E4M3, ScaleGranularity.TENSOR)
     want, _ = quantize_dynamic(view.contiguous(), E4M3, ScaleGranularity.TENSOR)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("with_col_scale", [False, True])
+@pytest.mark.parametrize(("rows", "cols", "tail"), [(8, 16, 16), (333, 4096, 64), (64, 11008, 256)])
+def test_quantize_fused_tail_equals_quantizing_the_concatenation(dtype, granularity, with_col_scale, rows, cols, tail):
+    """The backward's ``[g | g·B]`` quantized from its two parts gives the bytes of the concatenated tensor."""
+    torch.manual_seed(torch.seed() % 2**31)
+    x = torch.randn(rows, cols + 8, device="cuda", dtype=torch.bfloat16)[:, :cols]  # strided, as a GEMM slice
+    tail_hp = torch.randn(rows, tail, device="cuda", dtype=torch.bfloat16) * 4  # the tail often holds the amax
+    col_scale = torch.rand(cols + tail, device="cuda") + 0.5 if with_col_scale else None
+    got_fp8, got_scale = kernels.quantize_fused(x, dtype, granularity, col_scale, tail_hp)
+    whole = torch.cat([x, tail_hp], dim=1)
+    want_fp8, want_scale = quantize_dynamic(whole.float() * col_scale if with_col_scale else whole, dtype, granularity)
+    assert got_fp8.shape == (rows, cols + tail)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
