@@ -191,15 +191,20 @@ class FalqonLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------- row-wise proxy update
     @torch.no_grad()
-    def proxy_update(self, k: int) -> torch.Tensor:
+    def proxy_update(self, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Merge the ``k`` rows of ``B`` with the largest L1 norm into ``W`` (Alg. 2), then apply the B policy.
+
+        Args:
+            k: rows to merge.
+            rows: those rows, when the caller selected them already (``ProxyUpdater`` runs one top-k for many
+                layers); sorted, unique, on the layer's device.
 
         Returns:
             The merged row indices (device tensor).
         """
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
-        rows = select_rows(self.lora_B, k)
+        rows = select_rows(self.lora_B, k) if rows is None else rows
         self._merge(rows, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()

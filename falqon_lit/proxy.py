@@ -8,6 +8,7 @@ Rounding is to nearest, or stochastic when random bits are given (:func:`merge_b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,14 @@ def select_rows(lora_B: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` rows of ``B`` with the largest L1 norm (sorted ascending, on device)."""
     k = min(k, lora_B.shape[0])
     return torch.topk(row_scores(lora_B), k, sorted=False).indices.sort().values
+
+
+def select_rows_batched(lora_Bs: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """:func:`select_rows` of many same-shaped ``B`` at once, ``(len(lora_Bs), k)``: one top-k and one sort for all
+    of them instead of two small kernels per layer (7.4 + 1.9 ms of a 7B-shaped model's update on the H100)."""
+    scores = torch.stack([row_scores(b) for b in lora_Bs])  # (layers, out)
+    k = min(k, scores.shape[1])
+    return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 def merge_bits(rows: torch.Tensor, in_features: int, merge_count: torch.Tensor, salt: int) -> torch.Tensor:

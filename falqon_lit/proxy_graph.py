@@ -10,12 +10,14 @@ second captures and replays, later calls only replay. A graph is dropped when an
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 from falqon_lit.config import BPolicy
 from falqon_lit.layer import FalqonLinear
+from falqon_lit.proxy import select_rows_batched
 
 
 class ProxyUpdater:
@@ -31,6 +33,10 @@ class ProxyUpdater:
         if not self.layers:
             raise ValueError("ProxyUpdater needs at least one FalqonLinear layer")
         self.use_cuda_graph = use_cuda_graph
+        groups: dict[int, list[FalqonLinear]] = defaultdict(list)  # same out_features: one batched top-k
+        for layer in self.layers:
+            groups[layer.out_features].append(layer)
+        self._groups = list(groups.values())
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph] = {}
         self._warm: set[int] = set()
 
@@ -39,22 +45,19 @@ class ProxyUpdater:
         if k <= 0:
             raise ValueError(f"proxy update needs k > 0, got {k}")
         if not self._graphable():
-            for layer in self.layers:
-                layer.proxy_update(k)
+            self._update_all(k)
             return
         key = (k, self._pointers())
         graph = self._graphs.get(key)
         if graph is None:
             if k not in self._warm:  # first use of this k: eager, which also initialises cuBLAS and allocators
                 self._warm.add(k)
-                for layer in self.layers:
-                    layer.proxy_update(k)
+                self._update_all(k)
                 return
             self._graphs = {kk: g for kk, g in self._graphs.items() if kk[1] == key[1]}  # drop stale captures
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records only; the replay below performs this step's update
-                for layer in self.layers:
-                    layer.proxy_update(k)
+                self._update_all(k)
             self._graphs[key] = graph
         graph.replay()
         # Python-side bookkeeping the replay skips: B was zeroed on device without bumping its version counter.
@@ -63,6 +66,11 @@ class ProxyUpdater:
                 layer._mark_b_zero()
             else:
                 layer._b_zero_token = None
+
+    def _update_all(self, k: int) -> None:
+        for group in self._groups:
+            for layer, rows in zip(group, select_rows_batched([layer.lora_B for layer in group], k), strict=True):
+                layer.proxy_update(k, rows)
 
     def _graphable(self) -> bool:
         on_cuda = self.layers[0].weight_fp8.is_cuda

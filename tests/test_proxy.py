@@ -11,7 +11,7 @@ from torch import nn
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.numerics import E4M3
-from falqon_lit.proxy import merge_bits, row_scores, select_rows
+from falqon_lit.proxy import merge_bits, row_scores, select_rows, select_rows_batched
 
 
 def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
@@ -42,6 +42,17 @@ def test_select_rows_picks_largest_l1_rows():
     assert row_scores(b)[7] == 3
     assert select_rows(b, 2).tolist() == [3, 7]
     assert select_rows(b, 50).numel() == 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_select_rows_batched_equals_per_layer_selection(device, k):
+    torch.manual_seed(torch.seed() % 2**31)
+    bs = [torch.randn(96, 16, device=device) for _ in range(5)]
+    got = select_rows_batched(bs, k)
+    assert got.shape == (5, min(k, 96))
+    for b, rows in zip(bs, got, strict=True):
+        assert torch.equal(rows, select_rows(b, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
