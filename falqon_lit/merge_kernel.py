@@ -1,10 +1,18 @@
-"""Fused row-wise proxy merge for CUDA (Triton): ``W[row] += B[row] · A`` and requantize, one launch per layer.
+"""Fused row-wise proxy merge for CUDA (Triton): ``W[row] += B[row] · A`` and requantize, two launches per layer.
 
 The eager merge (``proxy.merge_rows`` plus the scatters in ``FalqonLinear._merge``) is ~45 small kernels per layer;
 for the 224 layers of a LLaMA-7B shape that is ~40 ms of GPU time per step even when replayed from a CUDA graph.
-Here each program owns one chosen row: pass 1 accumulates ``delta = (B[row] ⊙ s_A) · A_fp8`` chunk by chunk and
-the new row's amax; pass 2 recomputes ``delta``, requantizes (fresh row scale, or the kept tensor scale with
-clamping), writes the row into both stored layouts and adds the merge statistics atomically.
+
+The k merged rows make a small GEMM, ``delta = (B[rows] ⊙ s_A) · A_fp8`` of ``(k, r) · (r, in)``. Both kernels tile
+it over (``BLOCK_M`` merged rows) × (``BLOCK_K`` columns): ``A`` is read once per block of rows instead of once per
+row, and a 7B layer gets hundreds of programs instead of k. Requantizing a row needs all of it (its amax gives the
+fresh row scale; a row whose update is exactly zero keeps its bytes), so the merge takes two launches:
+
+1. ``_row_stats_kernel`` gathers, per merged row, the amax of the merged values and whether anything changes, across
+   column blocks with atomics into ``(k,)`` scratch buffers, and keeps the old scales (pass 2 overwrites them).
+2. ``_requantize_kernel`` recomputes its ``delta`` tile (cheaper than storing ``k · in`` floats), requantizes (fresh
+   row scale, or the kept tensor scale with clamping), writes both stored layouts and the new scales, and adds the
+   merge statistics atomically.
 
 Rounding is to nearest, or stochastic when a merge counter is given: the kernel then draws the bits of
 ``proxy.merge_bits`` (``numerics.hash_bits`` of row, column, merge count and layer salt) and rounds as
@@ -25,6 +33,11 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs use the eager merge
     triton = None
+
+BLOCK_M = 32
+"""Merged rows per program (``tl.dot`` needs at least 16)."""
+BLOCK_K = 64
+"""Columns per program: small enough for a few hundred programs on a 4096-wide layer."""
 
 
 def available(weight_fp8: torch.Tensor) -> bool:
@@ -57,82 +70,106 @@ if triton is not None:
         sign = scaled.to(tl.int32, bitcast=True) & -0x80000000  # copysign, -0.0 included
         return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
-    @triton.jit(do_not_specialize=["salt_key"])
-    def _merge_kernel(
-        rows_ptr, b_ptr, w_ptr, wt_ptr, scale_ptr, stats_ptr, count_ptr,
-        out_features, in_features, rank, b_stride, wt_stride, fp8_limit, eps, salt_key,
-        ROW_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    @triton.jit
+    def _scales(scale_ptr, idx, mask, ROW_SCALE: tl.constexpr):
+        """Dequantization scales of rows ``idx`` of the melded ``[W; A]``: their row scales, or the tensor scale."""
+        return tl.load(scale_ptr + (idx if ROW_SCALE else idx * 0), mask=mask, other=1.0)
+
+    @triton.jit
+    def _merge_tile(
+        rows_ptr, b_ptr, w_ptr, scale_ptr, n_rows, out_features, in_features, rank, b_stride,
+        ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        row = tl.load(rows_ptr + tl.program_id(0))
-        r_offs = tl.arange(0, BLOCK_R)
-        r_mask = r_offs < rank
-        b = tl.load(b_ptr + row * b_stride + r_offs, mask=r_mask, other=0.0).to(tl.float32)
-        if ROW_SCALE:
-            a_scale = tl.load(scale_ptr + out_features + r_offs, mask=r_mask, other=0.0)
-            old_scale = tl.load(scale_ptr + row)
+        """This program's tile of merged rows × columns: ``(m_offs, m_mask, rows, k_offs, mask, delta)``.
+
+        ``m_offs`` index the merged rows (and the scratch buffers), ``rows`` are their global indices, and ``delta``
+        is the ``(BLOCK_M, BLOCK_K)`` float32 update in real units (zero outside ``mask``).
+        """
+        m_offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m_offs < n_rows
+        rows = tl.load(rows_ptr + m_offs, mask=m_mask, other=0)
+        k_offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = k_offs < in_features
+        delta = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r_offs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r_offs < rank
+            b_mask = m_mask[:, None] & r_mask[None, :]
+            b = tl.load(b_ptr + rows[:, None] * b_stride + r_offs[None, :], mask=b_mask, other=0.0)
+            a_rows = out_features + r_offs
+            a_mask = r_mask[:, None] & k_mask[None, :]
+            a = tl.load(w_ptr + a_rows[:, None] * in_features + k_offs[None, :], mask=a_mask, other=0.0)
+            # Fold A's dequantization scale into B: (B ⊙ s_A) · A_fp8 = B · deq(A). IEEE float32, not TF32.
+            b_scaled = b.to(tl.float32) * _scales(scale_ptr, a_rows, r_mask, ROW_SCALE)[None, :]
+            delta = tl.dot(b_scaled, a.to(tl.float32), delta, input_precision="ieee")
+        return m_offs, m_mask, rows, k_offs, m_mask[:, None] & k_mask[None, :], delta
+
+    @triton.jit
+    def _row_stats_kernel(
+        rows_ptr, b_ptr, w_ptr, scale_ptr, amax_ptr, changed_ptr, old_scale_ptr,
+        n_rows, out_features, in_features, rank, b_stride,
+        ROW_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """Pass 1: per merged row, the amax of its merged values and whether its update is non-zero."""
+        m_offs, m_mask, rows, k_offs, mask, delta = _merge_tile(
+            rows_ptr, b_ptr, w_ptr, scale_ptr, n_rows, out_features, in_features, rank, b_stride,
+            ROW_SCALE, BLOCK_M, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+        old_scale = _scales(scale_ptr, rows, m_mask, ROW_SCALE)
+        old = tl.load(w_ptr + rows[:, None] * in_features + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        new = old * old_scale[:, None] + delta
+        tl.atomic_max(amax_ptr + m_offs, tl.max(tl.abs(new), axis=1), mask=m_mask)
+        tl.atomic_max(changed_ptr + m_offs, tl.max((delta != 0).to(tl.float32), axis=1), mask=m_mask)
+        if tl.program_id(1) == 0:
+            tl.store(old_scale_ptr + m_offs, old_scale, mask=m_mask)
+
+    @triton.jit(do_not_specialize=["salt_key"])
+    def _requantize_kernel(
+        rows_ptr, b_ptr, w_ptr, wt_ptr, scale_ptr, amax_ptr, changed_ptr, old_scale_ptr, stats_ptr, count_ptr,
+        n_rows, out_features, in_features, rank, b_stride, wt_stride, fp8_limit, eps, salt_key,
+        ROW_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """Pass 2: requantize the tile, write both layouts (and the new row scales), add the merge statistics."""
+        m_offs, m_mask, rows, k_offs, mask, delta = _merge_tile(
+            rows_ptr, b_ptr, w_ptr, scale_ptr, n_rows, out_features, in_features, rank, b_stride,
+            ROW_SCALE, BLOCK_M, BLOCK_R, BLOCK_K,
+        )  # fmt: skip
+        old_scale = tl.load(old_scale_ptr + m_offs, mask=m_mask, other=1.0)
+        amax = tl.load(amax_ptr + m_offs, mask=m_mask, other=0.0)
+        changed = tl.load(changed_ptr + m_offs, mask=m_mask, other=0.0) > 0
+        new_scale = tl.maximum(amax, eps) / fp8_limit if ROW_SCALE else old_scale
+        w_offs = rows[:, None] * in_features + k_offs[None, :]
+        old = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32) * old_scale[:, None]
+        scaled = tl.math.div_rn(old + delta, new_scale[:, None])
+        if STOCHASTIC:
+            # Hash keys as proxy.merge_bits: row · in + column + count · 0x632BE5AB + salt · 0x9E3779B1, in int64
+            # (wrapping is harmless: only the low 32 bits reach the hash).
+            keys = w_offs + tl.load(count_ptr).to(tl.int64) * 0x632BE5AB + salt_key
+            q_hp = _round_stochastic(scaled, _hash_bits(keys), fp8_limit)
         else:
-            a_scale = tl.load(scale_ptr + r_offs * 0)
-            old_scale = tl.load(scale_ptr)
-        b_scaled = b * a_scale  # fold A's dequantization scale into B: (B ⊙ s_A) · A_fp8 = B · deq(A)
-        a_rows = (out_features + r_offs)[:, None] * in_features
-
-        # Pass 1: amax of the merged row and whether anything changes at all.
-        amax = tl.zeros((), dtype=tl.float32)
-        changed = tl.zeros((), dtype=tl.int32)
-        for k0 in range(0, in_features, BLOCK_K):
-            k_offs = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k_offs < in_features
-            a = tl.load(w_ptr + a_rows + k_offs[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            delta = tl.sum(b_scaled[:, None] * a.to(tl.float32), axis=0)  # (BLOCK_K,)
-            old = tl.load(w_ptr + row * in_features + k_offs, mask=k_mask, other=0.0).to(tl.float32) * old_scale
-            amax = tl.maximum(amax, tl.max(tl.abs(old + delta), axis=0))
-            changed = tl.maximum(changed, tl.max((delta != 0).to(tl.int32), axis=0))
-
+            q_hp = tl.clamp(scaled, -fp8_limit, fp8_limit)
+        q = q_hp.to(w_ptr.dtype.element_ty)  # exact for stochastic rounding, round to nearest otherwise
         # A row whose update is exactly zero keeps its bytes and scale.
-        if changed > 0:
+        write = mask & changed[:, None]
+        tl.store(w_ptr + w_offs, q, mask=write)
+        if wt_ptr is not None:
+            tl.store(wt_ptr + k_offs[None, :] * wt_stride + rows[:, None], q, mask=write)
+        swallowed = write & (delta != 0) & (q.to(tl.float32) * new_scale[:, None] == old)
+        tl.atomic_add(stats_ptr + 1, tl.sum(swallowed.to(tl.float32)))
+        tl.atomic_add(stats_ptr + 2, tl.sum(tl.abs(delta)))
+        if tl.program_id(1) == 0:  # once per row
             if ROW_SCALE:
-                new_scale = tl.maximum(amax, eps) / fp8_limit
-                tl.store(scale_ptr + row, new_scale)
-            else:
-                new_scale = old_scale
-            if ROW_SCALE:
-                saturated = tl.zeros((), dtype=tl.float32)  # a fresh row scale fits the row by construction
-            else:
-                saturated = (amax / new_scale > fp8_limit).to(tl.float32)
-            if STOCHASTIC:
-                # Hash key of column 0, int64 (wrapping is harmless: only the low 32 bits reach the hash):
-                # row · in + count · 0x632BE5AB + salt · 0x9E3779B1, as proxy.merge_bits.
-                key_base = row.to(tl.int64) * in_features + tl.load(count_ptr).to(tl.int64) * 0x632BE5AB + salt_key
-            lost = tl.zeros((), dtype=tl.float32)
-            magnitude = tl.zeros((), dtype=tl.float32)
-            # Pass 2: requantize, write both layouts, count updates that rounding swallowed.
-            for k0 in range(0, in_features, BLOCK_K):
-                k_offs = k0 + tl.arange(0, BLOCK_K)
-                k_mask = k_offs < in_features
-                a = tl.load(w_ptr + a_rows + k_offs[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                delta = tl.sum(b_scaled[:, None] * a.to(tl.float32), axis=0)
-                old = tl.load(w_ptr + row * in_features + k_offs, mask=k_mask, other=0.0).to(tl.float32) * old_scale
-                scaled = tl.math.div_rn(old + delta, new_scale)
-                if STOCHASTIC:
-                    q_hp = _round_stochastic(scaled, _hash_bits(key_base + k_offs), fp8_limit)
-                else:
-                    q_hp = tl.clamp(scaled, -fp8_limit, fp8_limit)
-                q = q_hp.to(w_ptr.dtype.element_ty)  # exact for stochastic rounding, round to nearest otherwise
-                tl.store(w_ptr + row * in_features + k_offs, q, mask=k_mask)
-                tl.store(wt_ptr + k_offs * wt_stride + row, q, mask=k_mask)
-                swallowed = (delta != 0) & (q.to(tl.float32) * new_scale == old) & k_mask
-                lost += tl.sum(swallowed.to(tl.float32), axis=0)
-                magnitude += tl.sum(tl.abs(delta), axis=0)
-            tl.atomic_add(stats_ptr + 0, saturated)
-            tl.atomic_add(stats_ptr + 1, lost)
-            tl.atomic_add(stats_ptr + 2, magnitude)
+                tl.store(scale_ptr + rows, new_scale, mask=m_mask & changed)
+            else:  # the kept tensor scale may not fit: count rows with a value clamped to the FP8 range
+                tl.atomic_add(stats_ptr + 0, tl.sum((m_mask & (amax / old_scale > fp8_limit)).to(tl.float32)))
 
 
 def merge_rows_fused(
     rows: torch.Tensor,
     lora_B: torch.Tensor,
     weight_fp8: torch.Tensor,
-    weight_t_fp8: torch.Tensor,
+    weight_t_fp8: torch.Tensor | None,
     weight_scale: torch.Tensor,
     out_features: int,
     *,
@@ -144,7 +181,8 @@ def merge_rows_fused(
     Args:
         rows: global indices of the rows to merge (device tensor).
         lora_B: ``(out, r)`` the full ``B``.
-        weight_fp8, weight_t_fp8, weight_scale: the layer's melded ``[W; A]`` buffers, updated in place.
+        weight_fp8, weight_t_fp8, weight_scale: the layer's melded ``[W; A]`` buffers, updated in place
+            (``weight_t_fp8`` is ``None`` for a layer that keeps no transposed copy).
         out_features: rows of ``W`` (``A`` follows them).
         merge_count: the layer's 0-d integer merge counter buffer; given, rounding is stochastic with the bits of
             ``proxy.merge_bits(rows, in, merge_count, salt)``. Read by the kernel on device (no host sync), so a
@@ -154,16 +192,25 @@ def merge_rows_fused(
     Returns:
         float32 ``(3,)`` device tensor: rows saturated, updates lost to rounding, sum of ``|B · A|``.
     """
-    rank, in_features = lora_B.shape[1], weight_fp8.shape[1]
-    stats = torch.zeros(3, dtype=torch.float32, device=weight_fp8.device)
-    block_r = max(triton.next_power_of_2(rank), 16)
-    block_k = max(16, min(triton.next_power_of_2(in_features), 8192 // block_r))  # keep the (R, K) tile small
+    n_rows, rank, in_features = rows.numel(), lora_B.shape[1], weight_fp8.shape[1]
+    device, row_scale = weight_fp8.device, weight_scale.numel() > 1
+    # One zeroed buffer (one memset): the statistics, then pass 1's per-row amax, changed flag and old scale.
+    buffer = torch.zeros(3 + 3 * n_rows, dtype=torch.float32, device=device)
+    stats, row_amax, row_changed, row_old_scale = buffer.split([3, n_rows, n_rows, n_rows])
+    block_r = min(max(triton.next_power_of_2(rank), 16), 64)  # loop over r in chunks: bounded tiles up to r = 256
+    grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(in_features, BLOCK_K))
+    tile_args = (n_rows, out_features, in_features, rank, lora_B.stride(0))
+    _row_stats_kernel[grid](
+        rows, lora_B, weight_fp8, weight_scale, row_amax, row_changed, row_old_scale, *tile_args,
+        row_scale, BLOCK_M, block_r, BLOCK_K,
+    )  # fmt: skip
     # salt · 0x9E3779B1 matters mod 2³² only: pass it as the int32 with those low bits, so every salt shares one
     # argument type (the kernel adds it in int64; sign extension leaves the low 32 bits alone).
     salt_key = ((salt * 0x9E3779B1 + 2**31) & 0xFFFFFFFF) - 2**31
-    _merge_kernel[(rows.numel(),)](
-        rows, lora_B, weight_fp8, weight_t_fp8, weight_scale, stats, merge_count,
-        out_features, in_features, rank, lora_B.stride(0), weight_t_fp8.stride(0), fp8_max(E4M3), AMAX_EPS,
-        salt_key, weight_scale.numel() > 1, merge_count is not None, block_r, block_k,
+    wt_stride = 0 if weight_t_fp8 is None else weight_t_fp8.stride(0)
+    _requantize_kernel[grid](
+        rows, lora_B, weight_fp8, weight_t_fp8, weight_scale, row_amax, row_changed, row_old_scale, stats,
+        merge_count, *tile_args, wt_stride, fp8_max(E4M3), AMAX_EPS, salt_key,
+        row_scale, merge_count is not None, BLOCK_M, block_r, BLOCK_K,
     )  # fmt: skip
     return stats

@@ -28,8 +28,11 @@ class _Layer(NamedTuple):
         return _Layer(*(t.clone() if isinstance(t, torch.Tensor) else t for t in self))
 
 
-def _random_layer(granularity: ScaleGranularity, out_f: int, in_f: int, rank: int) -> _Layer:
-    """Fresh random ``[W; A]`` and ``B`` (a new seed each run), with a saturating, a tiny and a zero row of ``B``."""
+def _random_layer(granularity: ScaleGranularity, out_f: int, in_f: int, rank: int, top_k: int = 8) -> _Layer:
+    """Fresh random ``[W; A]`` and ``B`` (a new seed each run), with a saturating, a tiny and a zero row of ``B``.
+
+    Merges the ``top_k`` largest rows of ``B`` and the three special ones.
+    """
     torch.manual_seed(torch.seed() % 2**31)
     melded = torch.randn(out_f + rank, in_f, device="cuda") * 0.05
     w_fp8, w_scale = quantize_dynamic(melded, E4M3, granularity)
@@ -39,7 +42,7 @@ def _random_layer(granularity: ScaleGranularity, out_f: int, in_f: int, rank: in
     lora_b[3] *= 2500  # one large row (entries ~50): saturates with a tensor scale
     lora_b[5] *= 5e-8  # one tiny row (entries ~1e-9): every update lost to nearest rounding
     lora_b[7] = 0.0  # one zero row: keeps its bytes and scale
-    rows = torch.unique(torch.cat([select_rows(lora_b, 8), torch.tensor([3, 5, 7], device="cuda")]))
+    rows = torch.unique(torch.cat([select_rows(lora_b, top_k), torch.tensor([3, 5, 7], device="cuda")]))
     return _Layer(w_fp8, w_fp8.t().contiguous(), w_scale, lora_b, rows, out_f)
 
 
@@ -55,6 +58,18 @@ def _fused_merge(layer: _Layer, **rounding: object) -> torch.Tensor:
     return merge_kernel.merge_rows_fused(
         layer.rows, layer.lora_b, layer.w_fp8, layer.w_t, layer.w_scale, layer.out_f, **rounding
     )
+
+
+def _merge_both_ways(
+    before: _Layer, granularity: ScaleGranularity, merge_count: torch.Tensor | None = None, salt: int = 0
+) -> _Layer:
+    """Merge a copy of ``before`` with the fused kernel, check it against the eager merge, and return it."""
+    bits = None if merge_count is None else merge_bits(before.rows, before.w_fp8.shape[1], merge_count, salt)
+    eager = _eager_merge(before, granularity, bits)
+    after = before.clone()
+    stats = _fused_merge(after, merge_count=merge_count, salt=salt)
+    _assert_fused_matches_eager(before, after, stats, eager)
+    return after
 
 
 def _assert_fused_matches_eager(before: _Layer, after: _Layer, stats: torch.Tensor, eager: MergeResult) -> None:
@@ -96,11 +111,7 @@ def test_merge_kernel_not_used_on_cpu():
 @pytest.mark.parametrize(("out_f", "in_f", "rank"), [(96, 64, 16), (512, 4096, 64), (256, 1000, 16)])
 def test_merge_rows_fused_matches_eager_merge(granularity, out_f, in_f, rank):
     """Round to nearest (no merge counter given)."""
-    before = _random_layer(granularity, out_f, in_f, rank)
-    eager = _eager_merge(before, granularity)
-    after = before.clone()
-    stats = _fused_merge(after)
-    _assert_fused_matches_eager(before, after, stats, eager)
+    _merge_both_ways(_random_layer(granularity, out_f, in_f, rank), granularity)
 
 
 @pytest.mark.gpu
@@ -112,10 +123,7 @@ def test_merge_rows_fused_stochastic_matches_eager_merge(granularity):
     salt = 0xDEADBEEF  # above 2³¹: the salt's product with the hash constant leaves int32
     count = torch.tensor(3, device="cuda")
     before = _random_layer(granularity, out_f, in_f, rank)
-    eager = _eager_merge(before, granularity, merge_bits(before.rows, in_f, count, salt))
-    after = before.clone()
-    stats = _fused_merge(after, merge_count=count, salt=salt)
-    _assert_fused_matches_eager(before, after, stats, eager)
+    after = _merge_both_ways(before, granularity, merge_count=count, salt=salt)
 
     again = before.clone()
     _fused_merge(again, merge_count=count, salt=salt)
@@ -124,3 +132,36 @@ def test_merge_rows_fused_stochastic_matches_eager_merge(granularity):
     other = before.clone()
     _fused_merge(other, merge_count=count, salt=salt)
     assert not torch.equal(other.w_fp8.view(torch.uint8), after.w_fp8.view(torch.uint8))  # fresh bits
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize(("out_f", "in_f", "rank", "top_k"), [(300, 200, 256, 70), (64, 4100, 32, 64)])
+def test_merge_rows_fused_tile_edges(granularity, stochastic, out_f, in_f, rank, top_k):
+    """Tile edges: a partial last block of rows (72 rows), all rows of W, rank 256 (chunked), a partial column block."""
+    count = torch.tensor(5, device="cuda") if stochastic else None
+    _merge_both_ways(_random_layer(granularity, out_f, in_f, rank, top_k), granularity, merge_count=count, salt=11)
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+def test_merge_rows_fused_single_row(granularity):
+    """A block of rows holding one merged row."""
+    before = _random_layer(granularity, 96, 64, 16)
+    _merge_both_ways(before._replace(rows=before.rows[-1:]), granularity)
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+def test_merge_rows_fused_without_transposed_copy(granularity):
+    """A layer with ``transpose_cache=False`` passes no ``weight_t_fp8``: the same merge, into one layout."""
+    before = _random_layer(granularity, 256, 1000, 16)
+    cached = _merge_both_ways(before, granularity)
+    lean = before.clone()._replace(w_t=None)
+    _fused_merge(lean)
+    assert torch.equal(lean.w_fp8.view(torch.uint8), cached.w_fp8.view(torch.uint8))
+    assert torch.equal(lean.w_scale, cached.w_scale)
