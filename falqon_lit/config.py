@@ -106,6 +106,9 @@ class FalqonConfig:
     backend: Backend = Backend.AUTO
     """GEMM backend: ``auto`` (``torch``, the faster on the H100), ``torch``, ``te`` (Transformer Engine; needs
     ``tensor`` weight and activation scaling) or ``emulate`` (float64 oracle)."""
+    transpose_cache: bool = True
+    """Keep a transposed FP8 copy of ``[W; A]`` for the backward GEMM (FP8 tensor cores want both operands
+    K-major): one more byte per weight for speed. ``False`` transposes in every backward instead, for memory."""
     skip_unaligned: bool = True
     """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
 
@@ -165,5 +168,5 @@ class FalqonConfig:
         return (
             f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
             f"init={self.init.value}, B={self.b_policy.value}, merge={self.merge_rounding.value}, "
-            f"backend={self.backend.value}"
+            f"backend={self.backend.value}{'' if self.transpose_cache else ', no transpose cache'}"
         )

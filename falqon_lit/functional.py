@@ -70,7 +70,8 @@ def melded_grad_input(
 
 
 class FalqonLinearFunction(torch.autograd.Function):
-    """Autograd adapter: saves only ``O_A``, ``B`` (for a residual) and the FP8 weight references."""
+    """Autograd adapter: saves only ``O_A``, ``B`` (for a residual) and references to the FP8 weight buffers
+    (``weight_t_fp8`` is ``None`` when the layer keeps no transposed copy)."""
 
     @staticmethod
     def forward(
@@ -78,7 +79,7 @@ class FalqonLinearFunction(torch.autograd.Function):
         x: torch.Tensor,
         lora_B: torch.Tensor,
         weight_fp8: torch.Tensor,
-        weight_t_fp8: torch.Tensor,
+        weight_t_fp8: torch.Tensor | None,
         weight_scale: torch.Tensor,
         act_scaling: ScaleGranularity,
         backend: Backend,
@@ -91,13 +92,13 @@ class FalqonLinearFunction(torch.autograd.Function):
         # Otherwise O += O_A Bᵀ in place: cuBLAS reads and writes the strided view once (beta = 1), where an
         # out-of-place addmm would first copy O into a new tensor.
         y = o.addmm_(o_a, lora_B.t().to(o.dtype)) if residual else o
-        ctx.save_for_backward(o_a, lora_B, weight_t_fp8, weight_scale)
+        ctx.save_for_backward(o_a, lora_B, weight_fp8, weight_t_fp8, weight_scale)
         ctx.act_scaling, ctx.backend, ctx.residual = act_scaling, backend, residual
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
-        o_a, lora_B, weight_t_fp8, weight_scale = ctx.saved_tensors
+        o_a, lora_B, weight_fp8, weight_t_fp8, weight_scale = ctx.saved_tensors
         out_features = lora_B.shape[0]
         grad_2d = grad_y.reshape(-1, out_features)  # (M, out)
         grad_x = grad_b = None
@@ -108,6 +109,8 @@ class FalqonLinearFunction(torch.autograd.Function):
 
         # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
         if ctx.needs_input_grad[0]:
+            if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False): build it for this GEMM only
+                weight_t_fp8 = weight_fp8.t().contiguous()
             grad_x_2d = melded_grad_input(
                 grad_2d,
                 Float8Tensor(weight_t_fp8, weight_scale),

@@ -3,7 +3,7 @@
 Stored state (buffers, not Parameters, so no optimizer ever sees them):
 
 - ``weight_fp8`` ``(out + r, in)`` E4M3: the melded ``[W; A]``; ``weight_t_fp8`` ``(in, out + r)`` its row-major
-  transpose for the backward GEMM (rebuilt on load, never saved);
+  transpose for the backward GEMM (rebuilt on load, never saved; ``None`` with ``transpose_cache=False``);
 - ``weight_scale``: ``(1,)`` tensor scale or ``(out + r, 1)`` row scales;
 - ``merge_*`` counters of the row-wise proxy update.
 
@@ -84,9 +84,8 @@ class FalqonLinear(nn.Module):
         rows = out_features + config.rank
         scale_shape = (rows, 1) if config.weight_scaling == ScaleGranularity.ROW else (1,)
         self.register_buffer("weight_fp8", torch.zeros(rows, in_features, dtype=E4M3, device=device))
-        self.register_buffer(
-            "weight_t_fp8", torch.zeros(in_features, rows, dtype=E4M3, device=device), persistent=False
-        )
+        weight_t = torch.zeros(in_features, rows, dtype=E4M3, device=device) if config.transpose_cache else None
+        self.register_buffer("weight_t_fp8", weight_t, persistent=False)
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, device=device, dtype=dtype))
         self.bias = None
@@ -138,7 +137,8 @@ class FalqonLinear(nn.Module):
         self._refresh_transpose()
 
     def _refresh_transpose(self) -> None:
-        self.weight_t_fp8 = self.weight_fp8.t().contiguous()
+        if self.config.transpose_cache:
+            self.weight_t_fp8 = self.weight_fp8.t().contiguous()
 
     # --------------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +251,8 @@ class FalqonLinear(nn.Module):
         )
         # Row scatter into both stored layouts; untouched rows keep every byte.
         self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))
-        self.weight_t_fp8.view(torch.uint8).index_copy_(1, rows, result.rows_fp8.view(torch.uint8).t())
+        if self.weight_t_fp8 is not None:
+            self.weight_t_fp8.view(torch.uint8).index_copy_(1, rows, result.rows_fp8.view(torch.uint8).t())
         if row_scaled:
             self.weight_scale.index_copy_(0, rows, result.rows_scale)
         self.merge_saturated += result.saturated
@@ -266,7 +267,7 @@ class FalqonLinear(nn.Module):
         probe = next(iter(fixed.values()))
         device = fn(torch.empty(0, dtype=torch.uint8, device=probe.device)).device  # non-float: device change only
         for name, tensor in fixed.items():
-            self._buffers[name] = tensor.to(device)
+            self._buffers[name] = None if tensor is None else tensor.to(device)
         self._recheck_b_zero()  # B may be a new tensor now
         return self
 

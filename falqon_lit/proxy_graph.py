@@ -81,4 +81,5 @@ class ProxyUpdater:
             t.data_ptr()
             for layer in self.layers
             for t in (layer.weight_fp8, layer.weight_t_fp8, layer.weight_scale, layer.lora_B)
+            if t is not None
         )

@@ -100,6 +100,35 @@ def test_layer_trains_only_lora_B_and_stores_fp8_buffers():
     assert "weight_t_fp8" not in layer.state_dict()  # rebuilt on load, never saved twice
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_scaling", GRANULARITIES)
+def test_layer_without_transpose_cache_computes_the_same_bits(device, weight_scaling):
+    """``transpose_cache=False`` stores one FP8 copy and transposes in the backward: same forward, gradients and
+    merges, bit for bit."""
+    seed = torch.seed() % 2**31
+    cached = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed)
+    lean = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed, transpose_cache=False)
+    assert lean.weight_t_fp8 is None and "weight_t_fp8" not in dict(lean.named_buffers())
+    assert lean.state_dict().keys() == cached.state_dict().keys()
+    x = torch.randn(3, 7, 96, device=device)
+    for step in range(3):
+        outputs = []
+        for layer in (cached, lean):
+            x_l = x.clone().requires_grad_(True)
+            y = layer(x_l)
+            y.backward(torch.ones_like(y))
+            outputs.append((y.detach(), x_l.grad, layer.lora_B.grad.clone()))
+            with torch.no_grad():
+                layer.lora_B.add_(torch.full_like(layer.lora_B, 0.01 * (step + 1)))
+                layer.lora_B.grad = None
+            layer.proxy_update(8)
+        for got, want in zip(outputs[1], outputs[0], strict=True):
+            assert torch.equal(got, want), step
+        assert torch.equal(lean.weight_fp8.view(torch.uint8), cached.weight_fp8.view(torch.uint8))
+    lean.to(torch.bfloat16)  # moves and casts skip the missing copy
+    assert lean.weight_t_fp8 is None and lean.lora_B.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("weight_scaling", GRANULARITIES)
 def test_layer_to_bfloat16_moves_but_never_casts_fp8_state(weight_scaling):
     layer = _layer("cpu", weight_scaling, ScaleGranularity.TENSOR)
