@@ -46,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _cast_kernel(
-        x_ptr, col_scale_ptr, amax_ptr, out_ptr, scale_ptr, rows, cols, stride, out_stride, fp8_limit, eps,
+        x_ptr, col_scale_ptr, amax_ptr, out_ptr, scale_ptr, rows, cols, stride, out_stride, out_col0, fp8_limit, eps,
         HAS_COL: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
@@ -58,7 +58,7 @@ if triton is not None:
         if HAS_COL:
             x = x * tl.load(col_scale_ptr + offs, mask=mask, other=0.0)
         q = tl.clamp(tl.math.div_rn(x, scale), -fp8_limit, fp8_limit)
-        tl.store(out_ptr + row * out_stride + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * out_stride + out_col0 + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
         if (row == 0) & (col_block == 0):
             tl.store(scale_ptr, scale)
 
@@ -135,23 +135,27 @@ def quantize_fused(
     scale_and_amax = torch.zeros(8, dtype=torch.float32, device=x_hp.device)
     scale, amax = scale_and_amax[:1], scale_and_amax[4:5]
     # The tail is a second segment of the same tensor: both amax passes fold into one scalar before any cast.
-    segments = [(x_hp, col, 0)] + ([] if tail is None else [(tail, col[cols:] if has_col else tail, cols)])
-    for part, part_col, _ in segments:
-        grid, block, warps = _tensor_grid(part)
-        _amax_kernel[grid](part, part_col, amax, rows, part.shape[1], part.stride(0), has_col, block, num_warps=warps)
-    for part, part_col, start in segments:
-        grid, block, warps = _tensor_grid(part)
-        _cast_kernel[grid](
-            part, part_col, amax, out[:, start:], scale, rows, part.shape[1], part.stride(0), out.stride(0), limit,
-            AMAX_EPS, has_col, block, num_warps=warps,
+    width = cols + tail_cols
+    block = min(triton.next_power_of_2(cols), 4096)
+    grid, warps = (rows, triton.cdiv(cols, block)), _warps(block)
+    _amax_kernel[grid](x_hp, col, amax, rows, cols, x_hp.stride(0), has_col, block, num_warps=warps)
+    if tail is not None:
+        tail_col = col[cols:] if has_col else tail
+        tail_block = min(triton.next_power_of_2(tail_cols), 4096)
+        tail_grid, tail_warps = (rows, triton.cdiv(tail_cols, tail_block)), _warps(tail_block)
+        _amax_kernel[tail_grid](
+            tail, tail_col, amax, rows, tail_cols, tail.stride(0), has_col, tail_block, num_warps=tail_warps
+        )
+    _cast_kernel[grid](
+        x_hp, col, amax, out, scale, rows, cols, x_hp.stride(0), width, 0, limit, AMAX_EPS, has_col, block,
+        num_warps=warps,
+    )  # fmt: skip
+    if tail is not None:
+        _cast_kernel[tail_grid](
+            tail, tail_col, amax, out, scale, rows, tail_cols, tail.stride(0), width, cols, limit, AMAX_EPS, has_col,
+            tail_block, num_warps=tail_warps,
         )  # fmt: skip
     return out, scale
-
-
-def _tensor_grid(part: torch.Tensor) -> tuple[tuple[int, int], int, int]:
-    """Grid, block width and warps of a tensor-scaled pass: one program per (row, block of columns)."""
-    block = min(triton.next_power_of_2(part.shape[1]), 4096)
-    return (part.shape[0], triton.cdiv(part.shape[1], block)), block, _warps(block)
 
 
 def _warps(block: int) -> int:
