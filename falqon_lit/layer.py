@@ -61,6 +61,10 @@ class FalqonLinear(nn.Module):
         ValueError: misaligned dimensions or a rank not below ``min(in_features, out_features)``.
     """
 
+    rows_are_local = True
+    """Whether the proxy update's top-k rows come from this layer's own ``B`` alone, so that ``ProxyUpdater`` may
+    choose them for many layers in one batched top-k."""
+
     def __init__(
         self,
         in_features: int,

@@ -34,8 +34,12 @@ class ProxyUpdater:
             raise ValueError("ProxyUpdater needs at least one FalqonLinear layer")
         self.use_cuda_graph = use_cuda_graph
         groups: dict[int, list[FalqonLinear]] = defaultdict(list)  # same out_features: one batched top-k
+        self._alone: list[FalqonLinear] = []  # layers that choose their rows themselves (across ranks)
         for layer in self.layers:
-            groups[layer.out_features].append(layer)
+            if layer.rows_are_local:
+                groups[layer.out_features].append(layer)
+            else:
+                self._alone.append(layer)
         self._groups = list(groups.values())
         self._graphs: dict[tuple[int, tuple[int, ...]], torch.cuda.CUDAGraph] = {}
         self._warm: set[int] = set()
@@ -71,6 +75,8 @@ class ProxyUpdater:
         for group in self._groups:
             for layer, rows in zip(group, select_rows_batched([layer.lora_B for layer in group], k), strict=True):
                 layer.proxy_update(k, rows)
+        for layer in self._alone:
+            layer.proxy_update(k)
 
     def _graphable(self) -> bool:
         on_cuda = self.layers[0].weight_fp8.is_cuda

@@ -54,6 +54,8 @@ class ShardedFalqonLinear(FalqonLinear):
         ValueError: a 2-D mesh, or ``out_features`` not divisible by the mesh size.
     """
 
+    rows_are_local = False  # the top-k runs over every rank's rows (a collective)
+
     def __init__(self, layer: FalqonLinear, mesh: DeviceMesh) -> None:
         nn.Module.__init__(self)  # not FalqonLinear.__init__: the full-size buffers are never allocated
         if mesh.ndim != 1:

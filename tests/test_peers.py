@@ -102,4 +102,4 @@ def test_train_step_bench_missing_package_is_a_skipped_row(tmp_path: Path) -> No
     assert json.loads(out.read_text()) == expected
     table = proc.stdout.split("\nvariant")[1]
     for name, package in missing.items():
-        assert f"{name:18s} on   skipped: {package} not installed" in table
+        assert f"{name:24s} on   skipped: {package} not installed" in table
