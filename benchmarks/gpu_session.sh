@@ -9,6 +9,7 @@
 #   quality  benchmarks/quality.py $QUALITY_ARGS in $QUALITY_JOBS (4) concurrent shards, $QUALITY_BUDGET seconds
 #            (480) each; resumable across calls
 #   proxy    benchmarks/profile_proxy.py: the whole-model proxy update (7B shape), nearest and stochastic merges
+#   steps    benchmarks/profile_step.py: GPU time of one 7B-shape step by kernel family ($STEP_VARIANTS)
 #   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
 # Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
 set -uo pipefail
@@ -91,6 +92,14 @@ proxy() {
   local rounding
   for rounding in nearest stochastic; do
     timeout 200 python3 benchmarks/profile_proxy.py --rounding $rounding 2>&1 | tee "$out/proxy_$rounding.log" | head -20
+  done
+}
+
+steps() {
+  local variant
+  for variant in ${STEP_VARIANTS:-falqon-tensor falqon-default peft-bf16}; do
+    timeout 180 python3 benchmarks/profile_step.py --variant $variant 2>&1 | tee "$out/profile_step_$variant.log" \
+      | grep -v -i warn | head -14
   done
 }
 

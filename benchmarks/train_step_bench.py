@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from peers import PEERS, PeerUnavailableError, build_peer, check_available, peer_autocast
 
@@ -60,8 +62,21 @@ def _build(args: argparse.Namespace):
     return model
 
 
-def run_variant(args: argparse.Namespace) -> dict:
-    """Time one variant in this process; returns the measurements."""
+@dataclass
+class TrainStep:
+    """One variant built and ready: ``step()`` runs forward, backward, AdamW and, for FALQON, the proxy update."""
+
+    step: Callable[[], None]
+    params: list
+    """The trainable parameters."""
+    config_repr: str | None
+    """``FalqonConfig.short_repr()`` of a FALQON variant."""
+    proxy_ms: list[float]
+    """Wall time of each proxy update so far (FALQON only)."""
+
+
+def build_step(args: argparse.Namespace) -> TrainStep:
+    """Build ``args.variant`` on the LLaMA-7B shape: model, wrapping, checkpointing, optimizer and a fixed batch."""
     import torch
 
     is_falqon = args.variant.startswith("falqon")
@@ -105,17 +120,29 @@ def run_variant(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, LLAMA_7B["vocab_size"], (args.batch, args.seq), device="cuda")
-    step_ms = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with step_context():  # forward and backward: checkpointing recomputes the forward in backward
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         after_step()
+
+    return TrainStep(step, params, config_repr, proxy_ms)
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Time one variant in this process; returns the measurements."""
+    import torch
+
+    run = build_step(args)
+    step_ms = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run.step()
         torch.cuda.synchronize()
         if i >= args.warmup:
             step_ms.append((time.perf_counter() - t0) * 1e3)
@@ -127,12 +154,12 @@ def run_variant(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "rank": args.rank,
-        "config": config_repr,
+        "config": run.config_repr,
         "step_ms": median,
         "tokens_per_s": args.batch * args.seq / median * 1e3,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "proxy_update_ms": statistics.median(proxy_ms[args.warmup :]) if proxy_ms else None,
-        "trainable_params": sum(p.numel() for p in params),
+        "proxy_update_ms": statistics.median(run.proxy_ms[args.warmup :]) if run.proxy_ms else None,
+        "trainable_params": sum(p.numel() for p in run.params),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
     }
