@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from falqon_lit import kernels
 from falqon_lit.config import Backend, GemmRole, ScaleGranularity
 from falqon_lit.gemm import fp8_gemm
 from falqon_lit.quantizer import Float8Quantizer, Float8Tensor
@@ -110,7 +111,8 @@ class FalqonLinearFunction(torch.autograd.Function):
         # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
         if ctx.needs_input_grad[0]:
             if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False): build it for this GEMM only
-                weight_t_fp8 = weight_fp8.t().contiguous()
+                fast = kernels.available(weight_fp8)
+                weight_t_fp8 = kernels.transpose(weight_fp8) if fast else weight_fp8.t().contiguous()
             grad_x_2d = melded_grad_input(
                 grad_2d,
                 Float8Tensor(weight_t_fp8, weight_scale),

@@ -98,6 +98,32 @@ if triton is not None:
         tl.store(scale_ptr + row, scale)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr):
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        tile = tl.load(x_ptr + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols))
+        out_mask = (c[:, None] < cols) & (r[None, :] < rows)
+        tl.store(out_ptr + c[:, None] * rows + r[None, :], tl.trans(tile), mask=out_mask)  # coalesced along rows
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """``x.t().contiguous()`` of a contiguous 2-D CUDA tensor of 1-byte elements, by tiles.
+
+    The backward without a cached transpose (``transpose_cache=False``) needs one per layer; PyTorch's strided copy
+    of a 1-byte transpose runs far below memory bandwidth.
+    """
+    rows, cols = x.shape
+    out = torch.empty(cols, rows, dtype=x.dtype, device=x.device)
+    block = 64
+    _transpose_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
+        x.view(torch.uint8), out.view(torch.uint8), rows, cols, block
+    )
+    return out
+
+
 def quantize_fused(
     x_hp: torch.Tensor,
     dtype: torch.dtype = E4M3,

@@ -63,3 +63,14 @@ def test_quantize_fused_tail_equals_quantizing_the_concatenation(dtype, granular
     assert got_fp8.shape == (rows, cols + tail)
     assert torch.equal(got_scale, want_scale)
     assert torch.equal(got_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize(("rows", "cols"), [(64, 64), (4096 + 64, 4096), (11008 + 64, 4096), (200, 130)])
+def test_transpose_equals_torch_transpose(rows, cols):
+    """The backward's on-the-fly transpose (``transpose_cache=False``): the same bytes as ``.t().contiguous()``."""
+    x = torch.randn(rows, cols, device="cuda").to(E4M3)
+    got = kernels.transpose(x)
+    assert got.shape == (cols, rows) and got.dtype == E4M3 and got.is_contiguous()
+    assert torch.equal(got.view(torch.uint8), x.t().contiguous().view(torch.uint8))
