@@ -39,7 +39,7 @@ FALQON_VARIANTS = {
     "falqon-tensor": ("paper", {}),  # tensor scales, B zeroed after each merge, nearest merges: sessions 1-3's runs
     "falqon-te": ("paper", {"backend": "te"}),  # the same on Transformer Engine's quantizers and GEMM
     "falqon-default": (None, {}),  # what a user gets: row/per-token scales, B keep, stochastic merges
-    "falqon-default-lean": (None, {"transpose_cache": False}),  # one FP8 copy of each weight, transposed per backward
+    "falqon-default-cached": (None, {"transpose_cache": True}),  # a second, transposed FP8 copy of each weight
     "falqon-default-tensor": (None, {"weight_scaling": "tensor", "act_scaling": "tensor"}),
     "falqon-default-tensor-te": (None, {"weight_scaling": "tensor", "act_scaling": "tensor", "backend": "te"}),
 }

@@ -106,9 +106,10 @@ class FalqonConfig:
     backend: Backend = Backend.AUTO
     """GEMM backend: ``auto`` (``torch``, the faster on the H100), ``torch``, ``te`` (Transformer Engine; needs
     ``tensor`` weight and activation scaling) or ``emulate`` (float64 oracle)."""
-    transpose_cache: bool = True
+    transpose_cache: bool = False
     """Keep a transposed FP8 copy of ``[W; A]`` for the backward GEMM (FP8 tensor cores want both operands
-    K-major): one more byte per weight for speed. ``False`` transposes in every backward instead, for memory."""
+    K-major) instead of transposing it in every backward: one more byte per weight (6.1 GiB on a 7B model) for a
+    0.3–0.7% faster step on the H100."""
     skip_unaligned: bool = True
     """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
 
@@ -168,5 +169,5 @@ class FalqonConfig:
         return (
             f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
             f"init={self.init.value}, B={self.b_policy.value}, merge={self.merge_rounding.value}, "
-            f"backend={self.backend.value}{'' if self.transpose_cache else ', no transpose cache'}"
+            f"backend={self.backend.value}{', transpose cache' if self.transpose_cache else ''}"
         )

@@ -91,7 +91,7 @@ def test_layer_emulate_backend_equals_torch_backend(weight_scaling):
 
 
 def test_layer_trains_only_lora_B_and_stores_fp8_buffers():
-    layer = _layer("cpu", ScaleGranularity.TENSOR, ScaleGranularity.TENSOR)
+    layer = _layer("cpu", ScaleGranularity.TENSOR, ScaleGranularity.TENSOR, transpose_cache=True)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"lora_B"}
     buffers = dict(layer.named_buffers())
@@ -103,11 +103,11 @@ def test_layer_trains_only_lora_B_and_stores_fp8_buffers():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight_scaling", GRANULARITIES)
 def test_layer_without_transpose_cache_computes_the_same_bits(device, weight_scaling):
-    """``transpose_cache=False`` stores one FP8 copy and transposes in the backward: same forward, gradients and
-    merges, bit for bit."""
+    """``transpose_cache=False`` (the default) stores one FP8 copy and transposes in the backward: same forward,
+    gradients and merges as the cached layout, bit for bit."""
     seed = torch.seed() % 2**31
-    cached = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed)
-    lean = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed, transpose_cache=False)
+    cached = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed, transpose_cache=True)
+    lean = _layer(device, weight_scaling, weight_scaling, BPolicy.KEEP, seed=seed)  # the default
     assert lean.weight_t_fp8 is None and "weight_t_fp8" not in dict(lean.named_buffers())
     assert lean.state_dict().keys() == cached.state_dict().keys()
     x = torch.randn(3, 7, 96, device=device)
@@ -143,10 +143,10 @@ def test_layer_to_bfloat16_moves_but_never_casts_fp8_state(weight_scaling):
 
 
 def test_layer_state_dict_roundtrip_is_bitwise_and_rebuilds_transpose():
-    src = _layer("cpu", ScaleGranularity.ROW, ScaleGranularity.ROW, seed=3)
+    src = _layer("cpu", ScaleGranularity.ROW, ScaleGranularity.ROW, seed=3, transpose_cache=True)
     _fill_b(src)
     src.proxy_update(5)
-    dst = _layer("cpu", ScaleGranularity.ROW, ScaleGranularity.ROW, seed=4)
+    dst = _layer("cpu", ScaleGranularity.ROW, ScaleGranularity.ROW, seed=4, transpose_cache=True)
     dst.load_state_dict(src.state_dict())
     for name in ("weight_fp8", "weight_t_fp8"):
         assert torch.equal(getattr(dst, name).view(torch.uint8), getattr(src, name).view(torch.uint8))

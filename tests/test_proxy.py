@@ -17,7 +17,9 @@ from falqon_lit.proxy import merge_bits, row_scores, select_rows, select_rows_ba
 def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
     torch.manual_seed(torch.seed() % 2**31)  # fresh values every run
     # nearest merges: what reference.merge computes (stochastic merges have their own tests below)
-    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy, merge_rounding=Rounding.NEAREST)
+    config = FalqonConfig(
+        rank=16, weight_scaling=weight_scaling, b_policy=b_policy, merge_rounding=Rounding.NEAREST, transpose_cache=True
+    )  # with the transposed copy: merges must update both layouts
     layer = FalqonLinear.from_linear(nn.Linear(64, 96, device=device), config)
     with torch.no_grad():
         layer.lora_B.normal_(0, b_std)

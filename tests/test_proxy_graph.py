@@ -17,16 +17,23 @@ _STATE = ("weight_fp8", "weight_t_fp8", "weight_scale", "lora_B", "merge_rows", 
 
 
 def _layers(
-    device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, rounding: Rounding = Rounding.NEAREST
+    device: str,
+    weight_scaling: ScaleGranularity,
+    b_policy: BPolicy,
+    rounding: Rounding = Rounding.NEAREST,
+    transpose_cache: bool = True,
 ) -> list[FalqonLinear]:
     torch.manual_seed(torch.seed() % 2**31)
-    cfg = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=b_policy, merge_rounding=rounding)
+    settings = {"weight_scaling": weight_scaling, "b_policy": b_policy, "merge_rounding": rounding}
+    cfg = FalqonConfig(rank=16, transpose_cache=transpose_cache, **settings)
     return [
         FalqonLinear.from_linear(nn.Linear(64, n, device=device), cfg, f"l{i}") for i, n in enumerate((96, 96, 128))
     ]
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:  # no transposed copy
+        return a is b
     if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         a, b = a.view(torch.uint8), b.view(torch.uint8)
     return torch.equal(a, b)
@@ -36,8 +43,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
 @pytest.mark.parametrize("b_policy", list(BPolicy))
 @pytest.mark.parametrize("rounding", list(Rounding))
-def test_proxy_updater_matches_eager_loop(device, weight_scaling, b_policy, rounding):
-    eager = _layers(device, weight_scaling, b_policy, rounding)
+@pytest.mark.parametrize("transpose_cache", [False, True])
+def test_proxy_updater_matches_eager_loop(device, weight_scaling, b_policy, rounding, transpose_cache):
+    eager = _layers(device, weight_scaling, b_policy, rounding, transpose_cache)
     graphed = copy.deepcopy(eager)
     updater = ProxyUpdater(graphed)
     x = torch.randn(8, 64, device=device)
