@@ -70,6 +70,14 @@ def melded_grad_input(
     return fp8_gemm(grad_fp8, Float8Tensor(weight_t.data, scale), out_dtype=out_dtype, backend=backend)
 
 
+def transposed(weight_fp8: torch.Tensor) -> torch.Tensor:
+    """The row-major transpose ``[W; A]ᵀ`` ``(in, out + r)`` the backward GEMM needs, built for one use
+    (``kernels.transpose`` on CUDA)."""
+    if kernels.available(weight_fp8) and weight_fp8.is_contiguous():
+        return kernels.transpose(weight_fp8)
+    return weight_fp8.t().contiguous()
+
+
 class FalqonLinearFunction(torch.autograd.Function):
     """Autograd adapter: saves only ``O_A``, ``B`` (for a residual) and references to the FP8 weight buffers
     (``weight_t_fp8`` is ``None`` when the layer keeps no transposed copy)."""
@@ -110,9 +118,8 @@ class FalqonLinearFunction(torch.autograd.Function):
 
         # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
         if ctx.needs_input_grad[0]:
-            if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False): build it for this GEMM only
-                fast = kernels.available(weight_fp8)
-                weight_t_fp8 = kernels.transpose(weight_fp8) if fast else weight_fp8.t().contiguous()
+            if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False)
+                weight_t_fp8 = transposed(weight_fp8)
             grad_x_2d = melded_grad_input(
                 grad_2d,
                 Float8Tensor(weight_t_fp8, weight_scale),

@@ -31,7 +31,7 @@ from falqon_lit.convert import falqon_layers
 from falqon_lit.gemm import resolve_backend
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.numerics import dequantize
-from falqon_lit.proxy import merge_bits, merge_rows, row_scores
+from falqon_lit.proxy import merge_bits, merge_rows, row_scores, top_rows
 from falqon_lit.sharded_functional import ShardedMeldedFunction, all_gather_rows, gather_melded
 
 _LOCAL_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_magnitude")
@@ -174,7 +174,7 @@ class ShardedFalqonLinear(FalqonLinear):
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
         scores = all_gather_rows(row_scores(self._b_local()), self.group)  # (out,), every rank the same
-        rows = torch.topk(scores, min(k, self.out_features), sorted=False).indices.sort().values
+        rows = top_rows(scores, k)
         mine = rows[(rows >= self.row_start) & (rows < self.row_start + self.out_local)] - self.row_start
         self.merge_calls += 1
         self._merge(mine, self.config.merge_rounding)

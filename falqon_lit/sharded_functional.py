@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from falqon_lit.config import Backend, ScaleGranularity
-from falqon_lit.functional import melded_forward, melded_grad_input
+from falqon_lit.functional import melded_forward, melded_grad_input, transposed
 from falqon_lit.numerics import E4M3
 from falqon_lit.quantizer import Float8Tensor
 
@@ -90,7 +90,7 @@ class ShardedMeldedFunction(torch.autograd.Function):
         # grad_input (Alg. 1), on the re-gathered weight.
         if ctx.needs_input_grad[0]:
             melded, scale = gather_melded(weight_fp8, weight_scale, lora_A_fp8, lora_A_scale, group)
-            weight_t = melded.t().contiguous()  # (in, out + r) row-major, as FalqonLinear's stored transpose
+            weight_t = transposed(melded)  # (in, out + r) row-major, as FalqonLinear's stored transpose
             del melded
             grad_x_2d = melded_grad_input(
                 grad_2d,
