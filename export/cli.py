@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=defaults.dtype, help="embeddings/norms/lm_head dtype (default bfloat16)")
     parser.add_argument("--weight-strategy", default=defaults.weight_strategy, help="vllm: auto, tensor or channel")
     parser.add_argument("--onnx-activations", default=defaults.onnx_activations, help="onnx: fp8 (as trained) or float")
+    parser.add_argument(
+        "--onnx-precision",
+        default=defaults.onnx_precision,
+        help="onnx: float32 (fast) or float64 (greedy tokens identical to the trainer's)",
+    )
     parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"onnx: opset (>= {ONNX_OPSET})")
     parser.add_argument("--prompts-file", type=Path, help="verification prompts, one per line")
     parser.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per verification prompt")
@@ -68,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.target not in TARGETS:
             raise ExportError(f"unknown export target {args.target!r}; choose one of {', '.join(TARGETS)}")
-        options = ExportOptions(args.dtype, args.weight_strategy, args.onnx_activations, args.opset)
+        options = ExportOptions(
+            args.dtype, args.weight_strategy, args.onnx_activations, args.onnx_precision, args.opset
+        )
         prompts = _prompts(args.prompts_file)
         if args.out.exists() and not args.force:
             raise ExportError(

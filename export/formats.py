@@ -7,6 +7,7 @@ appears at the target path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .loading import config_to_dict, flush_model, require_falqon
 from .manifest import atomic_directory, write_manifest
 from .onnx_graph import ONNX_OPSET, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
-from .standin import ActivationMode
+from .standin import ActivationMode, Precision
 from .verify import DEFAULT_PROMPTS, Sample, VerifyResult, encode_prompts, reference_samples
 from .vllm import WeightStrategy, write_vllm
 
@@ -43,6 +44,8 @@ class ExportOptions:
     """vllm: compressed-tensors weight scale strategy, ``auto``, ``tensor`` or ``channel``."""
     onnx_activations: str = ActivationMode.FP8.value
     """onnx: ``fp8`` rounds FALQON inputs to FP8 as in training; ``float`` writes a weight-only graph."""
+    onnx_precision: str = Precision.FLOAT32.value
+    """onnx: arithmetic of the graph around the FP8 weights, ``float32`` or ``float64`` (identical greedy tokens)."""
     opset: int = ONNX_OPSET
     """onnx: opset version (≥ 19)."""
 
@@ -57,6 +60,10 @@ class ExportOptions:
         if self.onnx_activations not in {a.value for a in ActivationMode}:
             problems.append(
                 f"--onnx-activations must be one of {[a.value for a in ActivationMode]}, got {self.onnx_activations!r}"
+            )
+        if self.onnx_precision not in {p.value for p in Precision}:
+            problems.append(
+                f"--onnx-precision must be one of {[p.value for p in Precision]}, got {self.onnx_precision!r}"
             )
         if not isinstance(self.opset, int) or self.opset < ONNX_OPSET:
             problems.append(f"--opset must be an integer >= {ONNX_OPSET} (FP8 DequantizeLinear), got {self.opset!r}")
@@ -94,8 +101,10 @@ TARGETS: dict[str, ExportTarget] = {
         ExportTarget(
             "onnx",
             "ONNX graph with FLOAT8E4M3FN weights -> DequantizeLinear -> MatMul (onnxruntime CPU)",
-            lambda m, tok, d, o: write_onnx(m, tok, d, activations=o.onnx_activations, opset=o.opset),
-            lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations),
+            lambda m, tok, d, o: write_onnx(
+                m, tok, d, activations=o.onnx_activations, precision=o.onnx_precision, opset=o.opset
+            ),
+            lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
         ),
         ExportTarget(
             "hf",
@@ -158,7 +167,7 @@ def export_model(
         tokenizer: its Hugging Face tokenizer (copied into the folder).
         target: a name in :data:`TARGETS` (``vllm``, ``onnx``, ``hf``).
         out: folder to create.
-        options: dtype, weight strategy, ONNX activation mode and opset.
+        options: dtype, weight strategy, ONNX activation mode, precision and opset.
         force: replace an existing ``out``.
         verify: read the artefact back and compare with the trainer's FP8 forward; a failure publishes nothing.
         prompts: verification prompts.
@@ -202,9 +211,7 @@ def export_model(
             extra = {
                 "falqon_lit_version": _version(),
                 "falqon_config": config_to_dict(falqon_config),
-                "export_options": {
-                    k: getattr(options, k) for k in ("dtype", "weight_strategy", "onnx_activations", "opset")
-                },
+                "export_options": dataclasses.asdict(options),
                 "rows_flushed": rows,
                 "verification": [r.as_dict() for r in report.results] if verify else None,
                 **{k: v for k, v in facts.items() if k != "tensors"},

@@ -6,6 +6,11 @@ provider runs (opset ≥ 19). By default the graph also rounds each FALQON layer
 scale used in training (``Cast`` to ``FLOAT8E4M3FN`` and back), so it computes what the trainer computes; pass
 ``activations="float"`` for a weight-only graph.
 
+``precision="float64"`` writes the same graph with every non-FP8 tensor in float64 (the dequantized weights are
+widened exactly after ``DequantizeLinear``): slower, but onnxruntime and torch then agree to ~1e-15 and FP8
+activation rounding has nothing to amplify, so its greedy tokens are the trainer's (the float32 graph agrees within
+the tolerance of ``readback.fp8_tolerance``).
+
 Route: trace with the TorchScript exporter (``torch.onnx.export(dynamo=False)``; the dynamo exporter needs
 ``onnxscript``) while each ``FalqonLinear`` is swapped for a stand-in computing ``x @ deq(W)ᵀ`` from a buffer named
 ``<layer>.weight_t``, then swap that float initializer for the FP8 initializer + ``DequantizeLinear`` with ``onnx``.
@@ -29,7 +34,7 @@ from falqon_lit.layer import FalqonLinear
 
 from .errors import ExportError
 from .hf_folder import write_tokenizer_and_generation_config
-from .standin import ActivationMode, dequantized_view
+from .standin import ActivationMode, Precision, dequantized_view
 
 ONNX_OPSET = 19
 """First opset with FP8 ``DequantizeLinear`` and ``Cast``."""
@@ -71,8 +76,10 @@ def _trace(model: nn.Module, path: Path, opset: int) -> None:
             ) from err
 
 
-def _fp8_subgraph(name: str, layer: FalqonLinear, output: str) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
-    """FP8 initializer + scale → DequantizeLinear → Transpose, producing ``output`` ``(in, out)`` float32."""
+def _fp8_subgraph(
+    name: str, layer: FalqonLinear, output: str, precision: Precision
+) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
+    """FP8 initializer + scale → DequantizeLinear (→ Cast) → Transpose: ``output`` ``(in, out)`` in ``precision``."""
     w_fp8 = layer.weight_fp8[: layer.out_features].detach().cpu().contiguous()  # (out, in), the trained bytes
     weight = helper.make_tensor(
         f"{name}.weight_fp8",
@@ -87,16 +94,18 @@ def _fp8_subgraph(name: str, layer: FalqonLinear, output: str) -> tuple[list[Ten
         (scale_hp.reshape(-1) if per_row else scale_hp.reshape(())).numpy(), f"{name}.weight_scale"
     )
     dq_attrs = {"axis": 0} if per_row else {}
-    nodes = [
-        helper.make_node(
-            "DequantizeLinear", [weight.name, scale.name], [f"{name}.weight_dq"], name=f"{name}/dq", **dq_attrs
-        ),
-        helper.make_node("Transpose", [f"{name}.weight_dq"], [output], name=f"{name}/t", perm=[1, 0]),
-    ]
+    dequantized = f"{name}.weight_dq"
+    dq = helper.make_node("DequantizeLinear", [weight.name, scale.name], [dequantized], name=f"{name}/dq", **dq_attrs)
+    nodes = [dq]
+    if precision != Precision.FLOAT32:
+        wide = f"{dequantized}.wide"
+        nodes.append(helper.make_node("Cast", [dequantized], [wide], name=f"{name}/cast", to=precision.onnx_type))
+        dequantized = wide
+    nodes.append(helper.make_node("Transpose", [dequantized], [output], name=f"{name}/t", perm=[1, 0]))
     return [weight, scale], nodes
 
 
-def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear]) -> None:
+def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear], precision: Precision) -> None:
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     new_inits, new_nodes = [], []
@@ -108,7 +117,7 @@ def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear]) 
                 "its FP8 bytes cannot be placed; this happens when two layers hold identical weights"
             )
         graph.initializer.remove(initializers.pop(traced))
-        inits, nodes = _fp8_subgraph(name, layer, traced)
+        inits, nodes = _fp8_subgraph(name, layer, traced, precision)
         new_inits += inits
         new_nodes += nodes
     graph.initializer.extend(new_inits)
@@ -124,27 +133,28 @@ def write_onnx(
     folder: Path,
     *,
     activations: ActivationMode | str = ActivationMode.FP8,
+    precision: Precision | str = Precision.FLOAT32,
     opset: int = ONNX_OPSET,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ ``model.onnx.data`` past 1 GiB), tokenizer and generation config into ``folder``.
 
-    The model must already be flushed. Returns manifest facts (FP8 initializers, opset, activation mode).
+    The model must already be flushed. Returns manifest facts (FP8 initializers, opset, activation mode, precision).
 
     Raises:
         ExportError: an opset below 19, or a model the TorchScript exporter cannot trace.
     """
-    activations = ActivationMode(activations)
+    activations, precision = ActivationMode(activations), Precision(precision)
     if opset < ONNX_OPSET:
         raise ExportError(
             f"FP8 DequantizeLinear needs ONNX opset >= {ONNX_OPSET}, got {opset}; use --opset {ONNX_OPSET}"
         )
     traced_dir = folder / "_traced"
     traced_dir.mkdir()
-    with dequantized_view(model, activations) as layers:
+    with dequantized_view(model, activations, precision) as layers:
         _trace(model, traced_dir / ONNX_FILE, opset)
     graph_model = onnx.load(str(traced_dir / ONNX_FILE))
     shutil.rmtree(traced_dir)
-    _swap_in_fp8(graph_model, layers)
+    _swap_in_fp8(graph_model, layers, precision)
     graph_model.producer_name = "falqon-export"
     external = graph_model.ByteSize() > _EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
@@ -166,6 +176,7 @@ def write_onnx(
         "onnx": {
             "opset": opset,
             "activations": activations.value,
+            "precision": precision.value,
             "inputs": ["input_ids", "attention_mask"],
             "outputs": ["logits"],
             "fp8_layers": len(layers),

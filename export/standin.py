@@ -1,7 +1,9 @@
-"""Export-time stand-ins for ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ`` in plain float32 torch ops.
+"""Export-time stand-ins for ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ`` in plain torch ops, float32 or float64.
 
 Used to trace the ONNX graph and, with ``activations="float"``, to measure how much the FP8 activation rounding
-itself moves the logits (the noise floor that verification tolerances are stated against).
+itself moves the logits (the noise floor that verification tolerances are stated against). In float64 the same
+FP8 values (``deq(W)`` as float32 computes it, activations rounded to E4M3) are multiplied and summed in float64:
+the reference of the float64 ONNX graph, which two runtimes then compute alike to ~1e-15.
 """
 
 from __future__ import annotations
@@ -30,27 +32,53 @@ class ActivationMode(str, enum.Enum):
     """Leave it in float32: weight-only FP8."""
 
 
+class Precision(str, enum.Enum):
+    """Arithmetic of everything but the FP8 bytes in a stand-in model (and so in the ONNX graph traced from it)."""
+
+    FLOAT32 = "float32"
+    """What runtimes run fast; agrees with the trainer up to FP8-amplified float32 rounding (see readback)."""
+    FLOAT64 = "float64"
+    """The trainer's FP8 arithmetic with float64 sums: any two runtimes agree to ~1e-15, greedy tokens identical."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64 if self == Precision.FLOAT64 else torch.float32
+
+    @property
+    def onnx_type(self) -> int:
+        return TensorProto.DOUBLE if self == Precision.FLOAT64 else TensorProto.FLOAT
+
+
 class _Fp8RoundTrip(torch.autograd.Function):
-    """``x → E4M3 → float``; exported as two ``Cast`` nodes (the TorchScript exporter has no FP8 dtype)."""
+    """``x → float32 → E4M3 → x.dtype``; exported as ``Cast`` nodes (the TorchScript exporter has no FP8 dtype).
+
+    float64 goes through float32 explicitly (exact for the clamped range but for the final rounding) so that torch
+    and onnxruntime round the same float32 value to E4M3.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.to(E4M3).to(x.dtype)
+        return x.float().to(E4M3).to(x.dtype)
 
     @staticmethod
     def symbolic(g: Any, x: Any) -> Any:
+        dtype = x.type().dtype()
+        if dtype == torch.float64:
+            x = g.op("Cast", x, to_i=TensorProto.FLOAT)
         x_fp8 = g.op("Cast", x, to_i=TensorProto.FLOAT8E4M3FN, saturate_i=1)
-        return g.op("Cast", x_fp8, to_i=TensorProto.FLOAT)
+        x_back = g.op("Cast", x_fp8, to_i=TensorProto.FLOAT)
+        return g.op("Cast", x_back, to_i=TensorProto.DOUBLE) if dtype == torch.float64 else x_back
 
 
 class _DequantLinear(nn.Module):
-    """Export-time stand-in for a ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ + bias`` in float32."""
+    """Export-time stand-in for a ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ + bias`` in float32 or float64."""
 
-    def __init__(self, layer: FalqonLinear, activations: ActivationMode) -> None:
+    def __init__(self, layer: FalqonLinear, activations: ActivationMode, dtype: torch.dtype) -> None:
         super().__init__()
         # (in, out): MatMul reads the initializer as is, so it keeps this buffer's name through the exporter.
-        self.register_buffer("weight_t", layer.dequantized_weight(torch.float32).t().contiguous())
-        bias = None if layer.bias is None else layer.bias.detach().float()
+        # deq(W) is computed in float32 (what DequantizeLinear outputs), then widened exactly.
+        self.register_buffer("weight_t", layer.dequantized_weight(torch.float32).t().contiguous().to(dtype))
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
         self.per_token = layer.config.act_scaling == ScaleGranularity.ROW
         self.round_input = activations == ActivationMode.FP8
@@ -65,23 +93,73 @@ class _DequantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class _WideRMSNorm(nn.Module):
+    """Llama-style RMSNorm in the input's dtype (Hugging Face's computes in float32 even for float64 input)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+class _WideRotary(nn.Module):
+    """Rotary ``(cos, sin)`` in the input's dtype (Hugging Face's computes them in float32)."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rotary.inv_freq, persistent=False)
+        self.attention_scaling = rotary.attention_scaling
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = self.inv_freq.to(x.dtype)[None, :, None] * position_ids[:, None, :].to(x.dtype)
+        emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def _float32_islands(model: nn.Module) -> dict[str, nn.Module]:
+    """Wide replacements for the Llama-family modules that compute in float32 whatever their input dtype."""
+    wide: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            wide[name] = _WideRMSNorm(module)
+        elif kind.endswith("RotaryEmbedding") and hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            wide[name] = _WideRotary(module)
+    return wide
+
+
 @contextlib.contextmanager
-def dequantized_view(model: nn.Module, activations: ActivationMode) -> Iterator[dict[str, FalqonLinear]]:
-    """Swap FALQON layers for stand-ins and cast the rest to float32; restore both afterwards (lossless)."""
+def dequantized_view(
+    model: nn.Module, activations: ActivationMode, precision: Precision = Precision.FLOAT32
+) -> Iterator[dict[str, FalqonLinear]]:
+    """Swap FALQON layers for stand-ins and cast the rest to ``precision``; restore both afterwards (lossless).
+
+    In float64, Llama-style RMSNorms and rotary embeddings are swapped too: Hugging Face computes them in float32
+    regardless of the model dtype, which would leave float32 rounding for FP8 activation rounding to amplify.
+    """
     layers = falqon_layers(model)
+    dtype = Precision(precision).dtype
+    originals = {name: model.get_submodule(name) for name in layers}
+    swaps: dict[str, nn.Module] = {name: _DequantLinear(layer, activations, dtype) for name, layer in layers.items()}
+    if dtype == torch.float64:
+        wide = _float32_islands(model)
+        originals.update({name: model.get_submodule(name) for name in wide})
+        swaps.update(wide)
     dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     was_training = model.training
     try:
-        for name, layer in layers.items():
-            model.set_submodule(name, _DequantLinear(layer, activations))
+        for name, module in swaps.items():
+            model.set_submodule(name, module)
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                tensor.data = tensor.data.float()
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
         model.eval()
         yield layers
     finally:
-        for name, layer in layers.items():
-            model.set_submodule(name, layer)
+        for name, module in originals.items():
+            model.set_submodule(name, module)
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name in dtypes and tensor.dtype != dtypes[name]:
                 tensor.data = tensor.data.to(dtypes[name])

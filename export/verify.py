@@ -2,10 +2,11 @@
 
 Reference: the in-memory model (already flushed, so ``W`` alone is the trained model) run through its
 ``FalqonLinear`` forward (``torch._scaled_mm``, dynamic FP8 activations) with the high-precision rest upcast to
-float32, so that bf16 arithmetic noise is not mistaken for an export error. For each prompt the reference greedily
-generates ``new_tokens`` tokens; the candidate then scores the same sequence in one forward (teacher forcing). Token
-agreement is the fraction of those positions where the candidate's argmax equals the reference's (by induction,
-100 % means the candidate's own greedy decoding produces the same tokens).
+float32, so that bf16 arithmetic noise is not mistaken for an export error. The float64 ONNX graph has a float64
+reference instead: the same FP8 bytes and activation rounding with float64 sums (``standin.dequantized_view``).
+For each prompt the reference greedily generates ``new_tokens`` tokens; the candidate then scores the same sequence
+in one forward (teacher forcing). Token agreement is the fraction of those positions where the candidate's argmax
+equals the reference's (by induction, 100 % means the candidate's own greedy decoding produces the same tokens).
 
 Metrics per prompt: ``max|c − r| / max|r|`` and ``mean|c − r| / mean|r|`` over all positions and the vocabulary; the
 report takes the worst (max) and the average (mean) over prompts.
@@ -21,7 +22,7 @@ from torch import nn
 
 from falqon_lit.convert import falqon_layers
 
-from .standin import ActivationMode, dequantized_view
+from .standin import ActivationMode, Precision, dequantized_view
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The capital of France is",
@@ -144,30 +145,52 @@ def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[torch.Tens
     return [torch.tensor([tokenizer(p)["input_ids"]], dtype=torch.long) for p in prompts]
 
 
-@torch.no_grad()
-def reference_samples(model: nn.Module, prompt_ids: Sequence[torch.Tensor], new_tokens: int = 8) -> list[Sample]:
-    """Greedy-decode each prompt with the trainer's FP8 forward (float32 elsewhere) and keep the logits.
-
-    Also scores each sequence with the FP8 weights but float32 activations, to measure the activation-rounding
-    noise (:func:`activation_noise`).
-    """
+def _greedy(model: nn.Module, prompt_ids: Sequence[torch.Tensor], new_tokens: int) -> list[Sample]:
+    device = next(model.parameters()).device
     samples = []
+    for ids in prompt_ids:
+        ids = ids.to(device)
+        for _ in range(new_tokens):
+            next_id = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+        logits = model(input_ids=ids, use_cache=False).logits[0].float().cpu()
+        samples.append(Sample(ids.cpu(), ids.shape[1] - new_tokens, logits))
+    return samples
+
+
+@torch.no_grad()
+def reference_samples(
+    model: nn.Module,
+    prompt_ids: Sequence[torch.Tensor],
+    new_tokens: int = 8,
+    precision: Precision | str = Precision.FLOAT32,
+) -> list[Sample]:
+    """Greedy-decode each prompt with the trainer's FP8 forward and keep the logits.
+
+    ``float32``: the ``FalqonLinear`` forward with the rest upcast to float32; each sequence is also scored with
+    float32 activations on the same FP8 weights, to measure the activation-rounding noise (:func:`activation_noise`).
+    ``float64``: the same FP8 weights and activation rounding with float64 arithmetic everywhere else.
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    with _Float32View(model):
-        for ids in prompt_ids:
-            ids = ids.to(device)
-            for _ in range(new_tokens):
-                next_id = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-                ids = torch.cat([ids, next_id], dim=1)
-            logits = model(input_ids=ids, use_cache=False).logits[0].float().cpu()
-            samples.append(Sample(ids.cpu(), ids.shape[1] - new_tokens, logits))
-    with dequantized_view(model, ActivationMode.FLOAT):
-        for sample in samples:
-            sample.logits_float_act = model(input_ids=sample.input_ids.to(device), use_cache=False).logits[0].cpu()
+    if Precision(precision) == Precision.FLOAT64:
+        with dequantized_view(model, ActivationMode.FP8, Precision.FLOAT64):
+            samples = _greedy(model, prompt_ids, new_tokens)
+    else:
+        with _Float32View(model):
+            samples = _greedy(model, prompt_ids, new_tokens)
+        device = next(model.parameters()).device
+        with dequantized_view(model, ActivationMode.FLOAT):
+            for sample in samples:
+                float_act = model(input_ids=sample.input_ids.to(device), use_cache=False).logits[0]
+                sample.logits_float_act = float_act.cpu()
     model.train(was_training)
     return samples
+
+
+def prompts_of(samples: Sequence[Sample]) -> tuple[list[torch.Tensor], int]:
+    """The prompt ids and the number of generated tokens behind ``samples`` (to rebuild them in another precision)."""
+    return [s.input_ids[:, : s.prompt_len] for s in samples], samples[0].input_ids.shape[1] - samples[0].prompt_len
 
 
 def activation_noise(samples: Sequence[Sample]) -> float:

@@ -97,6 +97,21 @@ def test_cli_missing_tokenizer_one_line_error(tiny_factory, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_onnx_float64_reports_identical_greedy_tokens(saved, tmp_path, capsys):
+    folder, _ = saved
+    out = tmp_path / "onnx64"
+    argv = ["--target", "onnx", "--ckpt", str(folder), "--out", str(out), "--onnx-precision", "float64", "--json"]
+    assert main(argv) == EXIT_OK
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "onnxruntime (CPU, float64)" and result["prompts_identical"] == result["prompts"]
+    manifest = json.loads((out / "falqon_manifest.json").read_text())
+    assert manifest["export_options"]["onnx_precision"] == "float64" and manifest["onnx"]["precision"] == "float64"
+    argv = ["--target", "onnx", "--ckpt", str(folder), "--out", str(tmp_path / "x"), "--onnx-precision", "fp16"]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "--onnx-precision must be one of ['float32', 'float64'], got 'fp16'" in _error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_layer_target_cannot_express_one_line_error(tiny_factory, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 

@@ -65,6 +65,30 @@ def test_onnx_refuses_opset_below_19():
         ExportOptions(opset=18)
 
 
+def test_onnx_refuses_unknown_precision():
+    with pytest.raises(ExportError, match=r"--onnx-precision must be one of \['float32', 'float64'\], got 'bf16'"):
+        ExportOptions(onnx_precision="bf16")
+
+
+def test_onnx_float64_graph_reproduces_trainer_greedy_tokens(tiny, tmp_path):
+    model, tokenizer, _ = tiny
+    before = {name: (type(m), *(t.dtype for t in m.parameters(recurse=False))) for name, m in model.named_modules()}
+    report = export_model(model, tokenizer, "onnx", tmp_path / "f64", options=ExportOptions(onnx_precision="float64"))
+    result = report.results[0]
+    layers = falqon_layers(model)
+    # The float64 graph and the float64 reference differ only by float64 rounding: every greedy token is the same.
+    assert report.passed and result.prompts_identical == result.prompts == 10
+    assert result.token_agreement == 1.0 and result.max_rel_err <= 1e-6
+    assert result.bytes_identical == (len(layers), len(layers))
+    nodes = {n.name: n for n in _graph(tmp_path / "f64").graph.node}
+    for name in layers:  # the trained bytes → DequantizeLinear (float32, as in the float32 graph) → Cast to double
+        cast = nodes[f"{name}/cast"]
+        assert cast.input == nodes[f"{name}/dq"].output and cast.attribute[0].i == TensorProto.DOUBLE
+    # The view swapped layers, norms and rotary and widened the dtypes; all of it is back.
+    after = {name: (type(m), *(t.dtype for t in m.parameters(recurse=False))) for name, m in model.named_modules()}
+    assert after == before
+
+
 @pytest.mark.slow
 def test_onnx_smollm2_trained_runs_on_onnxruntime_within_tolerance(smollm2_trained, tmp_path):
     model, tokenizer, _ = smollm2_trained
@@ -77,3 +101,16 @@ def test_onnx_smollm2_trained_runs_on_onnxruntime_within_tolerance(smollm2_train
     # torch's, and FP8 activation rounding amplifies a 1-ulp difference into a flipped FP8 value and onwards (see
     # readback.fp8_tolerance), so greedy argmaxes can differ where the top two logits nearly tie.
     assert result.token_agreement >= 0.9
+
+
+@pytest.mark.slow
+def test_onnx_smollm2_float64_graph_gives_identical_greedy_tokens(smollm2_trained, tmp_path):
+    model, tokenizer, _ = smollm2_trained
+    options = ExportOptions(onnx_precision="float64")
+    report = export_model(
+        model, tokenizer, "onnx", tmp_path / "smol64", options=options, prompts=DEFAULT_PROMPTS[:8], new_tokens=6
+    )
+    result = report.results[0]
+    print(f"SmolLM2 onnx float64: {result.as_dict()}")
+    assert report.passed and result.prompts_identical == result.prompts == 8
+    assert result.max_rel_err <= 1e-6
