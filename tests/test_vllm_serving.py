@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
+import importlib
 import itertools
 import json
 import socket
@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -22,24 +22,27 @@ from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import FalqonLinear
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
-def _load_serve_check():
-    spec = importlib.util.spec_from_file_location("serve_check", REPO / "benchmarks" / "serve_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
+def _benchmark_module(name: str) -> ModuleType:
+    """A module of ``benchmarks/`` (not a package; ``serve_check.py`` imports ``serving`` from beside it)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
-sc = _load_serve_check()
+serve_check = _benchmark_module("serve_check")
+compare = _benchmark_module("serving.compare")
+procs = _benchmark_module("serving.procs")
+smollm2 = _benchmark_module("serving.smollm2")
 
 
 # ------------------------------------------------------------------------------------------------- comparisons
 def test_greedy_agreement_counts_identical_leading_tokens() -> None:
     want = [[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 4]]
     got = [[1, 2, 3, 4], [1, 2, 9, 4], [6, 6, 7, 8], [1, 2]]  # the last one stopped early
-    summary = sc.greedy_agreement(want, got)
+    summary = compare.greedy_agreement(want, got)
     assert summary["leading_identical"] == [4, 2, 0, 2]  # tokens after the first divergence do not count
     assert summary["prompts_identical"] == 1
     assert summary["first_token_identical"] == 3
@@ -48,7 +51,7 @@ def test_greedy_agreement_counts_identical_leading_tokens() -> None:
 
 def test_greedy_agreement_rejects_unpaired_prompts() -> None:
     with pytest.raises(ValueError, match="zip"):
-        sc.greedy_agreement([[1], [2]], [[1]])
+        compare.greedy_agreement([[1], [2]], [[1]])
 
 
 @pytest.mark.parametrize("leading_none", [True, False], ids=["with-leading-none", "without"])
@@ -56,25 +59,25 @@ def test_token_logprobs_takes_each_prompt_token_not_the_top_one(leading_none: bo
     lp = SimpleNamespace
     entries = [{7: lp(logprob=-0.5), 3: lp(logprob=-0.1)}, {9: lp(logprob=-2.0), 1: lp(logprob=-0.3)}]
     prompt_logprobs = [None, *entries] if leading_none else entries
-    assert sc.token_logprobs(prompt_logprobs, [5, 7, 9]) == [-0.5, -2.0]
+    assert compare.token_logprobs(prompt_logprobs, [5, 7, 9]) == [-0.5, -2.0]
 
 
 def test_token_logprobs_rejects_a_length_mismatch() -> None:
     with pytest.raises(ValueError, match="1 entries for a 3-token prompt"):
-        sc.token_logprobs([None], [5, 7, 9])
+        compare.token_logprobs([None], [5, 7, 9])
 
 
 def test_logprob_diff_max_and_mean_over_all_tokens() -> None:
-    diff = sc.logprob_diff([[-1.0, -2.0], [-3.0]], [[-1.5, -2.0], [-2.0]])
+    diff = compare.logprob_diff([[-1.0, -2.0], [-3.0]], [[-1.5, -2.0], [-2.0]])
     assert diff == {"max_abs": 1.0, "mean_abs": 0.5, "tokens": 3}
 
 
 def test_bound_check_limits_and_unmeasured_value() -> None:
-    assert sc.bound_check("a", 0.75, low=0.75).passed
-    assert not sc.bound_check("a", 0.74, low=0.75).passed
-    assert not sc.bound_check("b", 0.2, high=0.1).passed
-    assert sc.bound_check("c", 0.5, low=0.0, high=1.0).limit == ">= 0 and <= 1"
-    assert not sc.bound_check("d", None, low=0.0).passed
+    assert compare.bound_check("a", 0.75, low=0.75).passed
+    assert not compare.bound_check("a", 0.74, low=0.75).passed
+    assert not compare.bound_check("b", 0.2, high=0.1).passed
+    assert compare.bound_check("c", 0.5, low=0.0, high=1.0).limit == ">= 0 and <= 1"
+    assert not compare.bound_check("d", None, low=0.0).passed
 
 
 def test_chat_requests_cut_before_the_first_assistant_turn() -> None:
@@ -86,8 +89,8 @@ def test_chat_requests_cut_before_the_first_assistant_turn() -> None:
         ],
         [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
     ]
-    assert sc.chat_requests(conversations, 5) == [conversations[0][:1], conversations[1]]
-    assert len(sc.chat_requests(conversations, 1)) == 1
+    assert smollm2.chat_requests(conversations, 5) == [conversations[0][:1], conversations[1]]
+    assert len(smollm2.chat_requests(conversations, 1)) == 1
 
 
 def test_judge_vllm_passes_runtime_noise_and_fails_a_broken_model() -> None:
@@ -95,13 +98,13 @@ def test_judge_vllm_passes_runtime_noise_and_fails_a_broken_model() -> None:
     trainer = ([[1, 2, 9], [4, 5, 6]], [[-1.2, -2.0], [-3.0, -4.2]])  # bf16 noise: mean |diff| 0.1
     close = ([[1, 7, 7], [4, 5, 6]], [[-1.1, -2.1], [-3.1, -4.3]])  # mean |diff| 0.1 <= 1.5 x 0.1
     broken = ([[8, 8, 8], [9, 9, 9]], [[-9.0, -9.0], [-9.0, -9.0]])
-    checks, facts = sc.judge_vllm(trainer_fp32, trainer, close)
+    checks, facts = compare.judge_vllm(trainer_fp32, trainer, close)
     assert [c.passed for c in checks] == [True, True, None]  # full greedy identity is reported, not judged
     assert checks[2].value == "1/2 prompts (67% tok)"
     assert facts["trainer_bf16_vs_fp32"]["greedy"]["prompts_identical"] == 1
-    checks, _ = sc.judge_vllm(trainer_fp32, trainer, broken)
+    checks, _ = compare.judge_vllm(trainer_fp32, trainer, broken)
     assert [c.passed for c in checks] == [False, False, None]
-    assert sc.passed([{"passed": True}, {"passed": None}]) and not sc.passed([{"passed": None}])
+    assert compare.passed([{"passed": True}, {"passed": None}]) and not compare.passed([{"passed": None}])
 
 
 # ------------------------------------------------------------------------------------------ trainer reference
@@ -112,7 +115,7 @@ def test_trainer_reference_matches_hf_greedy_and_loss(tiny_trainer_parts, act_sc
     module.configure_model()
     model = module.model
     prompts = [[1, 17, 42, 99, 5], [3, 200, 7], [9, 8]]
-    greedy, logprobs = sc.trainer_reference(model, prompts, 6)
+    greedy, logprobs = smollm2.trainer_reference(model, prompts, 6)
     model.eval()
     for ids, tokens, lps in zip(prompts, greedy, logprobs, strict=True):
         x = torch.tensor([ids])
@@ -131,7 +134,7 @@ def test_cast_parameters_keeps_fp8_bytes_scales_and_float32_rope(tiny_trainer_pa
     model = module.model
     layers = [m for m in model.modules() if isinstance(m, FalqonLinear)]
     before = [(m.weight_fp8.view(torch.uint8).clone(), m.weight_scale.clone()) for m in layers]
-    sc.cast_parameters(model, torch.bfloat16)
+    smollm2.cast_parameters(model, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for layer, (data, scale) in zip(layers, before, strict=True):
         assert torch.equal(layer.weight_fp8.view(torch.uint8), data) and torch.equal(layer.weight_scale, scale)
@@ -144,15 +147,15 @@ def test_vllm_env_keeps_values_already_set(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("VLLM_HOST_IP", "10.1.2.3")
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
-    sc.set_vllm_env()
-    env = sc.serve_env()
+    procs.set_vllm_env()
+    env = procs.serve_env()
     assert env["VLLM_HOST_IP"] == "10.1.2.3"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
 
 
 def test_serve_command_binds_localhost_on_its_port(tmp_path: Path) -> None:
-    cmd = sc.serve_command(tmp_path, 8123, 0.3)
+    cmd = procs.serve_command(tmp_path, 8123, 0.3)
     assert cmd[:5] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
     options = dict(itertools.pairwise(cmd))  # each flag -> the word after it
     assert options["--host"] == "127.0.0.1" and options["--port"] == "8123"
@@ -172,15 +175,15 @@ def test_wait_healthy_until_health_answers_then_stop(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert sc.wait_healthy(proc, port, timeout=30) is None
+        assert procs.wait_healthy(proc, port, timeout=30) is None
     finally:
-        sc.stop(proc)
+        procs.stop(proc)
     assert proc.returncode is not None
 
 
 def test_wait_healthy_reports_a_server_that_exited() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    assert sc.wait_healthy(proc, _free_port(), timeout=30) == "server exited with status 3 before becoming healthy"
+    assert procs.wait_healthy(proc, _free_port(), timeout=30) == "server exited with status 3 before becoming healthy"
 
 
 def test_run_logged_echoes_progress_keeps_results_and_kills_on_timeout(tmp_path: Path, capsys) -> None:
@@ -194,7 +197,7 @@ def test_run_logged_echoes_progress_keeps_results_and_kills_on_timeout(tmp_path:
         """
     )
     log = tmp_path / "child.log"
-    code, results = sc.run_logged([sys.executable, "-c", script], log, timeout=5, group=True)
+    code, results = procs.run_logged([sys.executable, "-c", script], log, timeout=5, group=True)
     assert code is None
     assert results == ['{"a": 1}']
     assert "noise from a library" in log.read_text()
@@ -203,7 +206,7 @@ def test_run_logged_echoes_progress_keeps_results_and_kills_on_timeout(tmp_path:
 
 
 def test_run_logged_returns_the_exit_status(tmp_path: Path) -> None:
-    code, results = sc.run_logged([sys.executable, "-c", "raise SystemExit(4)"], tmp_path / "x.log", timeout=30)
+    code, results = procs.run_logged([sys.executable, "-c", "raise SystemExit(4)"], tmp_path / "x.log", timeout=30)
     assert (code, results) == (4, [])
 
 
@@ -234,7 +237,7 @@ def test_format_table_lists_every_check_and_failed_loads() -> None:
             },
         },
     }
-    lines = sc.format_table(summary).splitlines()
+    lines = serve_check.format_table(summary).splitlines()
     assert any(line.startswith("smollm2") and line.endswith("PASS") for line in lines)
     assert any(line.startswith("7b") and line.endswith("FAIL") for line in lines)
     assert any("bf16" in line and "timed out after 170 s" in line for line in lines)
@@ -246,28 +249,28 @@ def test_format_table_lists_every_check_and_failed_loads() -> None:
 @pytest.mark.slow
 @requires_cuda_fp8
 def test_vllm_serves_finetuned_smollm2_within_fp8_noise_of_trainer(tmp_path: Path) -> None:
-    sc.set_vllm_env()  # before vllm is imported
+    procs.set_vllm_env()  # before vllm is imported
     pytest.importorskip("vllm", reason="vLLM is not installed (staged wheels: vllm-0.26.0.txt)")
-    module, data, facts = sc.train_smollm2(steps=8, max_seconds=120, recipe="fp8-row", limit=200, root=tmp_path)
+    module, data, facts = smollm2.train_smollm2(steps=8, max_seconds=120, recipe="fp8-row", limit=200, root=tmp_path)
     assert facts["steps"] == 8
     model, tokenizer = module.model, module.tokenizer
-    prompts = sc.prompt_ids(tokenizer, data.sample_prompts(4))
+    prompts = smollm2.prompt_ids(tokenizer, data.sample_prompts(4))
     folder = tmp_path / "fp8"
     export_model(model, tokenizer, "vllm", folder, verify=False)
-    trainer_fp32 = sc.trainer_reference(model, prompts, 16)
-    sc.cast_parameters(model, sc.export_dtype(folder))
-    trainer = sc.trainer_reference(model, prompts, 16)
+    trainer_fp32 = smollm2.trainer_reference(model, prompts, 16)
+    smollm2.cast_parameters(model, smollm2.export_dtype(folder))
+    trainer = smollm2.trainer_reference(model, prompts, 16)
     del module, model
     gc.collect()
     torch.cuda.empty_cache()
 
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    llm = sc.load_llm(folder, 0.3, enforce_eager=True)
+    llm = smollm2.load_llm(folder, 0.3, enforce_eager=True)
     try:
-        vllm = sc.vllm_reference(llm, prompts, 16)
+        vllm = smollm2.vllm_reference(llm, prompts, 16)
     finally:
         del llm
         cleanup_dist_env_and_memory()
-    checks, facts = sc.judge_vllm(trainer_fp32, trainer, vllm)
+    checks, facts = compare.judge_vllm(trainer_fp32, trainer, vllm)
     assert all(c.passed is not False for c in checks), (checks, facts)
