@@ -127,6 +127,28 @@ def load_model(spec: BackboneSpec, dtype: torch.dtype, init_seed: int = 0) -> Pr
         return AutoModelForCausalLM.from_config(spec.config, dtype=dtype)
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder block in place (regional compilation); returns how many.
+
+    One compiled graph serves every block of the stack, so compilation costs one block, not the model; parameter
+    names do not change (checkpoints and exports read the same keys). FALQON layers run as they are inside it
+    (``FalqonLinear.forward`` is opaque to the compiler): what compiles is the norms, rotary, attention and
+    elementwise work between them, which bounded the eager step (benchmarks/RESULTS.md, "torch.compile").
+
+    Raises:
+        ValueError: the model has no ``...layers`` block list (not a Hugging Face decoder-only model).
+    """
+    stacks = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    if len(stacks) != 1:
+        raise ValueError(
+            f"compile needs one decoder block list named 'layers' in {type(model).__name__}, found {len(stacks)}; "
+            "turn --model.compile off for this backbone"
+        )
+    for block in stacks[0]:
+        block.compile()
+    return len(stacks[0])
+
+
 def context_length(config: PretrainedConfig) -> int | None:
     """The model's maximum sequence length, if its config says."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

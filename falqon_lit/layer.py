@@ -145,6 +145,9 @@ class FalqonLinear(nn.Module):
             self.weight_t_fp8 = self.weight_fp8.t().contiguous()
 
     # --------------------------------------------------------------------------------------------------- forward
+    # torch.compile runs this layer as it is (a few fused kernels already) and compiles the blocks around it:
+    # tracing into it would recompile on the Python-side B-is-zero token of every layer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + B A)ᵀ + bias`` with ``W`` and ``A`` in FP8; exact whether or not ``B`` holds a residual."""
         backend = resolve_backend(self.config.backend, x.device)

@@ -17,7 +17,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from falqon_lit.backbone import context_length, load_model, load_tokenizer, parse_dtype, resolve_backbone
+from falqon_lit.backbone import (
+    compile_blocks,
+    context_length,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    resolve_backbone,
+)
 from falqon_lit.config import FalqonConfig
 from falqon_lit.convert import ConversionReport, convert_model, falqon_layers
 from falqon_lit.generation import generate_text
@@ -50,6 +57,7 @@ class FalqonLitModule(LightningModule):
         optim: optimizer and learning-rate schedule of ``lora_B``.
         dtype: dtype the backbone's high-precision weights are loaded in (``float32``, ``bfloat16``, ``float16``).
         gradient_checkpointing: recompute decoder blocks in backward to save activation memory.
+        compile: ``torch.compile`` each decoder block (the FP8 layers stay as they are); the first steps compile.
         init_seed: seed of the random initialisation of config-dict backbones (independent of the global seed).
         sample_max_new_tokens: completion length of ``predict`` and of the before/after samples.
     """
@@ -62,6 +70,7 @@ class FalqonLitModule(LightningModule):
         optim: OptimConfig | None = None,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        compile: bool = False,
         init_seed: int = 0,
         sample_max_new_tokens: int = 32,
     ) -> None:
@@ -82,6 +91,7 @@ class FalqonLitModule(LightningModule):
         self.tokenizer = load_tokenizer(self.backbone)
         self.context_length = context_length(self.backbone.config)
         self.gradient_checkpointing = gradient_checkpointing
+        self.compile_decoder = compile  # not `self.compile`: that is nn.Module.compile
         self.init_seed = init_seed
         self.sample_max_new_tokens = sample_max_new_tokens
         self.model: torch.nn.Module | None = None
@@ -104,6 +114,8 @@ class FalqonLitModule(LightningModule):
         self.conversion = convert_model(model, self.falqon_config)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.compile_decoder:
+            rank_zero_info(f"torch.compile: {compile_blocks(model)} decoder blocks (compiled on the first steps)")
         self.model = model
         # DDP must not broadcast buffers every step: they are the whole FP8 model, identical on every rank by
         # construction (callbacks.ReplicaConsistencyCheck verifies it). Only lora_B gradients are all-reduced.

@@ -101,6 +101,7 @@ class ShardedFalqonLinear(FalqonLinear):
         self._recheck_b_zero()
 
     # ------------------------------------------------------------------------------------------ forward
+    @torch.compiler.disable  # see FalqonLinear.forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + B A)ᵀ + bias`` for this rank's tokens, all ``out_features`` columns."""
         backend = resolve_backend(self.config.backend, x.device)
