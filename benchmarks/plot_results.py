@@ -2,6 +2,8 @@
 
 Usage: python benchmarks/plot_results.py benchmarks/results/train_step_h100_2026-11-23.json \
            benchmarks/results/layer_h100_2026-11-23.json --out benchmarks/results
+       python benchmarks/plot_results.py benchmarks/results/train_step_compile_h100_2026-11-24_session5.json \
+           --train-step-png train_step_compile_h100.png   # a train-step chart alone, under another name
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _bar_color(r: dict) -> str:
     return "#1f77b4" if r["variant"].startswith("falqon") else "#7f7f7f"
 
 
-def plot_train_step(results: list[dict], out: Path) -> Path:
+def plot_train_step(results: list[dict], out: Path, name: str = "train_step_h100.png") -> Path:
     """Median step time per variant, grouped by gradient checkpointing; failed and skipped runs are marked."""
     fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(results)), 3.6))
     labels = [f"{r['variant']}\nckpt {'on' if r['grad_ckpt'] else 'off'}" for r in results]
@@ -51,7 +53,7 @@ def plot_train_step(results: list[dict], out: Path) -> Path:
     )
     ax.set_ylim(0, max(times) * 1.25)
     fig.tight_layout()
-    path = out / "train_step_h100.png"
+    path = out / name
     fig.savefig(path, dpi=130)
     return path
 
@@ -80,13 +82,15 @@ def plot_layer(data: dict, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_step_json")
-    parser.add_argument("layer_json")
+    parser.add_argument("layer_json", nargs="?", help="optional: also chart a layer_bench.py JSON")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--train-step-png", default="train_step_h100.png", help="file name of the train-step chart")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(plot_train_step(json.loads(Path(args.train_step_json).read_text()), out))
-    print(plot_layer(json.loads(Path(args.layer_json).read_text()), out))
+    print(plot_train_step(json.loads(Path(args.train_step_json).read_text()), out, args.train_step_png))
+    if args.layer_json:
+        print(plot_layer(json.loads(Path(args.layer_json).read_text()), out))
 
 
 if __name__ == "__main__":

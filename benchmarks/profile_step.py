@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="falqon-default", choices=VARIANTS)
     parser.add_argument("--ckpt", type=int, default=0, help="1: gradient checkpointing on")
+    parser.add_argument("--compile", type=int, default=0, help="1: torch.compile each decoder block")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)

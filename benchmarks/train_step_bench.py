@@ -8,6 +8,7 @@ installed gets a ``skipped`` row; the last table gives FALQON's speedup over eac
 Usage:
     python benchmarks/train_step_bench.py --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
     python benchmarks/train_step_bench.py --layers 4   # a quick, smaller run of every variant
+    python benchmarks/train_step_bench.py --variants falqon-default,peft-bf16 --compile off,on  # torch.compile
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def build_step(args: argparse.Namespace) -> TrainStep:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if args.compile:
+        from falqon_lit.backbone import compile_blocks
+
+        compile_blocks(model)  # peers too: the same regional compilation of every decoder block
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -148,8 +153,9 @@ def run_variant(args: argparse.Namespace) -> dict:
             step_ms.append((time.perf_counter() - t0) * 1e3)
     median = statistics.median(step_ms)
     return {
-        "variant": args.variant,
+        "variant": args.variant + ("+compile" if args.compile else ""),
         "grad_ckpt": bool(args.ckpt),
+        "compile": bool(args.compile),
         "layers": args.layers,
         "batch": args.batch,
         "seq": args.seq,
@@ -165,12 +171,14 @@ def run_variant(args: argparse.Namespace) -> dict:
     }
 
 
-def _run_child(args: argparse.Namespace, variant: str, ckpt: bool) -> dict:
+def _run_child(args: argparse.Namespace, variant: str, ckpt: bool, compiled: bool) -> dict:
     """Run one variant in a fresh process; a failure, a timeout or a skip becomes a row, never an exception."""
     cmd = [sys.executable, __file__, "--variant", variant, "--child-ckpt", str(int(ckpt))]
+    cmd += ["--child-compile", str(int(compiled))]
     cmd += ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--rank", str(args.rank), "--warmup", str(args.warmup), "--steps", str(args.steps)]
     cmd += ["--no-graph"] if args.no_graph else []
+    variant += "+compile" if compiled else ""  # the label of every row, error rows included
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -208,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing settings to run")
+    parser.add_argument("--compile", default="off", help="torch.compile of each decoder block: off, on or off,on")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)
@@ -219,9 +228,10 @@ def main() -> None:
     parser.add_argument("--no-graph", action="store_true", help="update layers one by one (no CUDA graph)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--child-ckpt", type=int, dest="child_ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--child-compile", type=int, dest="child_compile", default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        args.ckpt = args.child_ckpt
+        args.ckpt, args.compile = args.child_ckpt, args.child_compile
         try:
             result = run_variant(args)
         except PeerUnavailableError as e:
@@ -235,7 +245,8 @@ def main() -> None:
     results = []
     for ckpt in args.ckpt.split(","):
         for variant in variants:
-            results.append(_run_child(args, variant, ckpt == "on"))
+            for compiled in args.compile.split(","):
+                results.append(_run_child(args, variant, ckpt == "on", compiled == "on"))
             print(json.dumps(results[-1]), flush=True)
             if args.json:
                 with open(args.json, "w") as f:
