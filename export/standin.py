@@ -118,14 +118,22 @@ class _WideRotary(nn.Module):
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+"""Rotary types whose ``inv_freq`` is fixed at construction (dynamic types recompute it per sequence length)."""
+
+
 def _float32_islands(model: nn.Module) -> dict[str, nn.Module]:
-    """Wide replacements for the Llama-family modules that compute in float32 whatever their input dtype."""
+    """Wide replacements for the Llama-family modules that compute in float32 whatever their input dtype.
+
+    Others are left as they are; their float32 rounding then shows as a float64 verification failure, not as a
+    silent difference.
+    """
     wide: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             wide[name] = _WideRMSNorm(module)
-        elif kind.endswith("RotaryEmbedding") and hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+        elif kind.endswith("RotaryEmbedding") and getattr(module, "rope_type", None) in _STATIC_ROPE:
             wide[name] = _WideRotary(module)
     return wide
 
