@@ -153,7 +153,7 @@ def run_variant(args: argparse.Namespace) -> dict:
             step_ms.append((time.perf_counter() - t0) * 1e3)
     median = statistics.median(step_ms)
     return {
-        "variant": args.variant + ("+compile" if args.compile else ""),
+        "variant": args.variant,
         "grad_ckpt": bool(args.ckpt),
         "compile": bool(args.compile),
         "layers": args.layers,
@@ -189,7 +189,7 @@ def _run_child(args: argparse.Namespace, variant: str, ckpt: bool, compiled: boo
             return {"variant": variant, "grad_ckpt": ckpt, "error": "out of memory"}
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"variant": variant, "grad_ckpt": ckpt, "error": " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT ") :])
+    return {**json.loads(lines[-1][len("RESULT ") :]), "variant": variant}  # skipped rows get the label too
 
 
 def _print_table(results: list[dict]) -> None:

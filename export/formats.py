@@ -87,6 +87,8 @@ class ExportTarget:
     description: str
     write: Writer
     verify: Verifier
+    reference: Callable[[ExportOptions], Precision] = lambda options: Precision.FLOAT32
+    """Arithmetic of the reference the artefact is verified against (float64 for a float64 ONNX graph)."""
 
 
 TARGETS: dict[str, ExportTarget] = {
@@ -105,6 +107,7 @@ TARGETS: dict[str, ExportTarget] = {
                 m, tok, d, activations=o.onnx_activations, precision=o.onnx_precision, opset=o.opset
             ),
             lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
+            lambda o: Precision(o.onnx_precision),
         ),
         ExportTarget(
             "hf",
@@ -197,8 +200,9 @@ def export_model(
     say(f"flushed {rows} pending B rows into the FP8 weights of {len(layers)} FALQON layers")
     samples = []
     if verify:
-        say(f"reference: trainer FP8 forward on {len(prompts)} prompts, {new_tokens} greedy tokens each")
-        samples = reference_samples(model, encode_prompts(tokenizer, prompts), new_tokens)
+        precision = spec.reference(options)
+        say(f"reference: trainer FP8 forward ({precision.value}), {len(prompts)} prompts x {new_tokens} greedy tokens")
+        samples = reference_samples(model, encode_prompts(tokenizer, prompts), new_tokens, precision)
 
     report = ExportReport(target, None, rows)
     try:

@@ -188,11 +188,6 @@ def reference_samples(
     return samples
 
 
-def prompts_of(samples: Sequence[Sample]) -> tuple[list[torch.Tensor], int]:
-    """The prompt ids and the number of generated tokens behind ``samples`` (to rebuild them in another precision)."""
-    return [s.input_ids[:, : s.prompt_len] for s in samples], samples[0].input_ids.shape[1] - samples[0].prompt_len
-
-
 def activation_noise(samples: Sequence[Sample]) -> float:
     """``max|float-activation logits − FP8 logits| / max|FP8 logits|`` over prompts: what FP8 activation rounding
     alone does to this model's logits."""
