@@ -10,10 +10,10 @@ import time
 import torch
 from torch import nn
 
-from falqon_lit import kernels
 from falqon_lit.config import FalqonConfig, ScaleGranularity
+from falqon_lit.fp8 import triton_quantize
+from falqon_lit.fp8.numerics import E4M3
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3
 
 
 def _host_us(fn, n: int = 300) -> float:
@@ -33,12 +33,12 @@ def main() -> None:
     grad = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     layer = FalqonLinear.from_linear(nn.Linear(256, 256, bias=False, device="cuda"), FalqonConfig(rank=16))
     layer.to(torch.bfloat16)
-    xq, _ = kernels.quantize_fused(x.detach(), E4M3, ScaleGranularity.TENSOR)
+    xq, _ = triton_quantize.quantize_fused(x.detach(), E4M3, ScaleGranularity.TENSOR)
     one = torch.ones((), device="cuda")
     rows = {
         "empty_like": lambda: torch.empty_like(x),
-        "quantize_fused tensor": lambda: kernels.quantize_fused(x.detach(), E4M3, ScaleGranularity.TENSOR),
-        "quantize_fused row": lambda: kernels.quantize_fused(x.detach(), E4M3, ScaleGranularity.ROW),
+        "quantize_fused tensor": lambda: triton_quantize.quantize_fused(x.detach(), E4M3, ScaleGranularity.TENSOR),
+        "quantize_fused row": lambda: triton_quantize.quantize_fused(x.detach(), E4M3, ScaleGranularity.ROW),
         "_scaled_mm": lambda: torch._scaled_mm(
             xq, layer.weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
         ),

@@ -14,10 +14,10 @@ import statistics
 import torch
 from torch import nn
 
-from falqon_lit import kernels
 from falqon_lit.config import FalqonConfig, GemmRole, ScaleGranularity
+from falqon_lit.fp8 import triton_quantize
+from falqon_lit.fp8.quantizer import Float8Quantizer
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.quantizer import Float8Quantizer
 
 
 def _time_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
@@ -77,12 +77,12 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
     row["fp8_gemm_floor"] = _time_ms(floor)
     row["bf16_linear_frozen"] = _time_ms(_fwd_bwd(linear.requires_grad_(False), x, grad))
     row["bf16_lora"] = _time_ms(_fwd_bwd(_LoraBf16(linear, rank), x, grad))
-    kernels.triton, triton_module = None, kernels.triton  # the eager quantization path, for comparison
+    triton_quantize.triton, triton_module = None, triton_quantize.triton  # the eager quantization path, for comparison
     cfg = FalqonConfig(rank=rank)
     eager = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
     linear.to(torch.bfloat16)
     row["falqon_eager_quant"] = _time_ms(_fwd_bwd(eager, x, grad))
-    kernels.triton = triton_module
+    triton_quantize.triton = triton_module
     for ws in ScaleGranularity:
         for act in ScaleGranularity:
             cfg = FalqonConfig(rank=rank, weight_scaling=ws, act_scaling=act)

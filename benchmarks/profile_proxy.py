@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.proxy_graph import ProxyUpdater
+from falqon_lit.proxy_updater import ProxyUpdater
 
 SHAPES = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]  # q, k, v, o, gate, up, down
 

@@ -19,7 +19,7 @@ gradient-norm clipping at 1.0, as the repo's configs):
   folder (compressed-tensors FP8), read back with transformers and evaluated next to the trainer's own model.
 
 Before (once per study configuration: the base model and the FP8 conversion FALQON starts from) and after each run:
-held-out loss (``falqon_lit.evaluation.heldout_loss`` on GSM8K held-out problems and chit-chat validation
+held-out loss (``falqon_lit.eval.scoring.heldout_loss`` on GSM8K held-out problems and chit-chat validation
 conversations) and 0-shot accuracy (ARC-Easy, ARC-Challenge, HellaSwag, BoolQ, an MMLU subset). One JSON line per
 finished run is appended to ``<out>/quality.jsonl``; a rerun skips runs already there, so the study can span
 several time-limited calls. ``--shard I/N`` runs every N-th pending run, so N processes can share one GPU (the
@@ -57,7 +57,6 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
-from falqon_lit.callbacks import RowwiseProxyUpdate
 from quality_records import (
     BF16_LORA,
     RECORDS,
@@ -74,11 +73,13 @@ from torch import nn
 
 from falqon_lit.assets import load_smollm2, smollm2_path
 from falqon_lit.batching import LengthGroupedBatchSampler, collate
-from falqon_lit.benchmarks_data import load_task
+from falqon_lit.callbacks import RowwiseProxyUpdate
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
-from falqon_lit.convert import convert_model, falqon_layers
+from falqon_lit.convert import convert_model
 from falqon_lit.data import InstructionDataModule
-from falqon_lit.evaluation import chat_heldout_texts, heldout_loss, score_choices, task_result
+from falqon_lit.eval.scoring import chat_heldout_texts, heldout_loss, score_choices, task_result
+from falqon_lit.eval.tasks import load_task
+from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -458,8 +459,9 @@ def export_and_evaluate(
     dequantized operands and activation scales to bf16, the trainer's FP8 GEMM does not) and in float32, where both
     compute the same products (the trainer's FP8 GEMM accumulates in float32) and the export itself is what is judged.
     """
-    from falqon_lit.export import export_model
     from transformers import AutoModelForCausalLM
+
+    from falqon_lit.export import export_model
 
     start = time.perf_counter()
     compute = {compute_name(device): {"trainer": metrics}}

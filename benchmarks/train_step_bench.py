@@ -90,7 +90,7 @@ def build_step(args: argparse.Namespace) -> TrainStep:
     config_repr = None
     if is_falqon:
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
-        from falqon_lit.proxy_graph import ProxyUpdater
+        from falqon_lit.proxy_updater import ProxyUpdater
 
         recipe, overrides = FALQON_VARIANTS[args.variant]
         # Random A init: the speed does not depend on it, and 224 SVDs of 4096x11008 would dominate setup.

@@ -14,8 +14,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from falqon_lit.convert import falqon_layers
-from falqon_lit.proxy_graph import ProxyUpdater
+from falqon_lit.layer import falqon_layers
+from falqon_lit.proxy_updater import ProxyUpdater
 from falqon_lit.sharded import ShardedFalqonLinear
 
 

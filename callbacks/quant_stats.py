@@ -25,9 +25,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from falqon_lit.convert import falqon_layers
-from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3, fp8_max, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize_dynamic
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 _COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude")
 _SUMMARY = {  # statistic -> how layers are summarised

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 from falqon_lit.sharded import ShardedFalqonLinear
 
 _MIX = 0x9E3779B97F4A7C15 - 2**64  # odd 64-bit constant (golden ratio), as a signed int64

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 IGNORE_INDEX = -100
 

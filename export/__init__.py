@@ -4,11 +4,11 @@ No post-training quantization: every target writes the trained FP8 bytes (or the
 """
 
 from .errors import ExportError
-from .formats import TARGETS, ExportOptions, ExportReport, ExportTarget, export_model, get_target
 from .hf import write_hf
 from .loading import ExportSource, flush_model, load_for_export, save_falqon_model
 from .manifest import MANIFEST_NAME, atomic_directory, check_manifest, read_manifest
 from .onnx_graph import ONNX_OPSET, write_onnx
+from .pipeline import TARGETS, ExportOptions, ExportReport, ExportTarget, export_model, get_target
 from .standin import ActivationMode
 from .verify import DEFAULT_PROMPTS, Tolerance, VerifyResult, print_report
 from .vllm import VllmPlan, WeightStrategy, build_quantization_config, plan_vllm_export, write_vllm

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ExportError
-from .formats import TARGETS, ExportOptions, export_model
 from .loading import load_for_export
 from .onnx_graph import ONNX_OPSET
+from .pipeline import TARGETS, ExportOptions, export_model
 from .verify import DEFAULT_PROMPTS, print_report
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .hf_folder import (
     high_precision_state_dict,

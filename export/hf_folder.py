@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
 

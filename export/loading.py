@@ -19,7 +19,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from falqon_lit.config import FalqonConfig, InitMethod
-from falqon_lit.convert import convert_model, falqon_layers
+from falqon_lit.convert import convert_model
+from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
 from .manifest import atomic_directory

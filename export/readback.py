@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .hf_folder import high_precision_state_dict
 from .onnx_graph import ONNX_FILE

@@ -18,9 +18,8 @@ from onnx import TensorProto
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.convert import falqon_layers
-from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import AMAX_EPS, E4M3, fp8_max
+from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 
 class ActivationMode(str, enum.Enum):

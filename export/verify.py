@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .standin import ActivationMode, Precision, dequantized_view
 

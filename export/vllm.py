@@ -27,8 +27,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.convert import falqon_layers
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
 from .hf_folder import (

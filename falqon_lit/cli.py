@@ -72,12 +72,12 @@ def _one_line(err: BaseException) -> str:
 def main(args: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0, or 2 for a bad config or bad data).
 
-    ``falqon eval ...`` (benchmark scoring) goes to ``falqon_lit.eval_cli``, ``falqon plot LOG_DIR [--out DIR]``
+    ``falqon eval ...`` (benchmark scoring) goes to ``falqon_lit.eval.cli``, ``falqon plot LOG_DIR [--out DIR]``
     (training-curve and FP8-statistics PNGs) to ``falqon_lit.plots``; every other subcommand is LightningCLI's.
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["eval"]:
-        from falqon_lit.eval_cli import main as eval_main
+        from falqon_lit.eval.cli import main as eval_main
 
         return eval_main(argv[1:])
     if argv[:1] == ["plot"]:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from falqon_lit import te_backend
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.fp8 import te_backend
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,6 @@ def convert_model(
     report.total_params += sum(p.numel() for p in model.parameters())
     log.info(report.summary())
     return report
-
-
-def falqon_layers(model: nn.Module) -> dict[str, FalqonLinear]:
-    """All ``FalqonLinear`` layers of ``model`` by fully qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear)}
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from falqon_lit import kernels
 from falqon_lit.config import Backend, GemmRole, ScaleGranularity
-from falqon_lit.gemm import fp8_gemm
-from falqon_lit.quantizer import Float8Quantizer, Float8Tensor
+from falqon_lit.fp8 import triton_quantize
+from falqon_lit.fp8.gemm import fp8_gemm
+from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
 
 
 def melded_forward(
@@ -72,9 +72,9 @@ def melded_grad_input(
 
 def transposed(weight_fp8: torch.Tensor) -> torch.Tensor:
     """The row-major transpose ``[W; A]ᵀ`` ``(in, out + r)`` the backward GEMM needs, built for one use
-    (``kernels.transpose`` on CUDA)."""
-    if kernels.available(weight_fp8) and weight_fp8.is_contiguous():
-        return kernels.transpose(weight_fp8)
+    (``triton_quantize.transpose`` on CUDA)."""
+    if triton_quantize.available(weight_fp8) and weight_fp8.is_contiguous():
+        return triton_quantize.transpose(weight_fp8)
     return weight_fp8.t().contiguous()
 
 

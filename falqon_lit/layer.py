@@ -19,11 +19,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from falqon_lit import merge_kernel
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
+from falqon_lit.fp8 import triton_merge
+from falqon_lit.fp8.gemm import resolve_backend
+from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
 from falqon_lit.functional import FalqonLinearFunction
-from falqon_lit.gemm import resolve_backend
-from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
 from falqon_lit.proxy import merge_bits, merge_rows, select_rows
 
 # Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
@@ -238,8 +238,8 @@ class FalqonLinear(nn.Module):
         self.merge_rows += rows.numel()
         self.merge_calls += 1
         stochastic = rounding == Rounding.STOCHASTIC
-        if merge_kernel.available(self.weight_fp8):
-            stats = merge_kernel.merge_rows_fused(
+        if triton_merge.available(self.weight_fp8):
+            stats = triton_merge.merge_rows_fused(
                 rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features,
                 merge_count=self.merge_calls if stochastic else None, salt=self.salt,
             )  # fmt: skip
@@ -285,3 +285,8 @@ class FalqonLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.short_repr()}"
+
+
+def falqon_layers(model: nn.Module) -> dict[str, FalqonLinear]:
+    """All ``FalqonLinear`` layers of ``model`` by fully qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear)}

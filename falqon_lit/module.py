@@ -26,8 +26,9 @@ from falqon_lit.backbone import (
     resolve_backbone,
 )
 from falqon_lit.config import FalqonConfig
-from falqon_lit.convert import ConversionReport, convert_model, falqon_layers
+from falqon_lit.convert import ConversionReport, convert_model
 from falqon_lit.generation import generate_text
+from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
 from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
 

@@ -14,7 +14,16 @@ from typing import NamedTuple
 import torch
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.numerics import E4M3, amax, amax_to_scale, dequantize, fp8_max, hash_bits, quantize, quantize_stochastic
+from falqon_lit.fp8.numerics import (
+    E4M3,
+    amax,
+    amax_to_scale,
+    dequantize,
+    fp8_max,
+    hash_bits,
+    quantize,
+    quantize_stochastic,
+)
 
 
 class MergeResult(NamedTuple):

@@ -27,10 +27,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from falqon_lit.config import BPolicy, Rounding
-from falqon_lit.convert import falqon_layers
-from falqon_lit.gemm import resolve_backend
-from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import dequantize
+from falqon_lit.fp8.gemm import resolve_backend
+from falqon_lit.fp8.numerics import dequantize
+from falqon_lit.layer import FalqonLinear, falqon_layers
 from falqon_lit.proxy import merge_bits, merge_rows, row_scores, top_rows
 from falqon_lit.sharded_functional import ShardedMeldedFunction, all_gather_rows, gather_melded
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from falqon_lit.config import Backend, ScaleGranularity
+from falqon_lit.fp8.numerics import E4M3
+from falqon_lit.fp8.quantizer import Float8Tensor
 from falqon_lit.functional import melded_forward, melded_grad_input, transposed
-from falqon_lit.numerics import E4M3
-from falqon_lit.quantizer import Float8Tensor
 
 
 # ------------------------------------------------------------------------------------------------- collectives

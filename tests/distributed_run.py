@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from falqon_lit.callbacks import RowwiseProxyUpdate
-from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from tiny_models import tiny_llama_config
 from torch.utils.data import DataLoader, DistributedSampler
 
+from falqon_lit.callbacks import RowwiseProxyUpdate
+from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck
 from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
 from falqon_lit.module import FalqonLitModule
 from falqon_lit.sharded import gather_falqon_model

@@ -1,6 +1,6 @@
 """Float64 plain-matmul versions of FALQON's algorithms, on the same FP8 bytes the layer stores and produces.
 
-Quantization itself uses ``falqon_lit.numerics`` (tested on its own against hand-built representable values), so
+Quantization itself uses ``falqon_lit.fp8.numerics`` (tested on its own against hand-built representable values), so
 the reference and the layer see identical FP8 bytes; everything after dequantization is float64 ``@``.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from falqon_lit.config import ScaleGranularity
+from falqon_lit.fp8.numerics import E4M3, E5M2, dequantize, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
 
 
 def melded_weight(layer: FalqonLinear) -> tuple[torch.Tensor, torch.Tensor]:

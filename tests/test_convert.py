@@ -8,8 +8,8 @@ import transformers
 from torch import nn
 
 from falqon_lit.config import FalqonConfig, ScaleGranularity
-from falqon_lit.convert import convert_model, dense_state_dict, falqon_layers
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.convert import convert_model, dense_state_dict
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 _COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 FAMILIES = {

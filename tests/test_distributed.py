@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck, fingerprint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck, fingerprint
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
+from falqon_lit.fp8.numerics import dequantize
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import dequantize
 from falqon_lit.sharded import ShardedFalqonLinear, gather_falqon_model
 
 RUN = Path(__file__).with_name("distributed_run.py")

@@ -1,4 +1,4 @@
-"""Tests for falqon_lit.evaluation, benchmarks_data, eval_report and eval_cli: harness-style multiple-choice scoring."""
+"""Tests for falqon_lit.eval (tasks, scoring, report, CLI): harness-style multiple-choice scoring."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 from tiny_models import tiny_llama as build_tiny_llama
 from torch import nn
 
-from falqon_lit.benchmarks_data import MultipleChoiceItem, hellaswag_preprocess, load_task, task_names
-from falqon_lit.eval_cli import main
-from falqon_lit.eval_report import EvalReport, TaskResult, task_result
-from falqon_lit.evaluation import (
+from falqon_lit.eval.cli import main
+from falqon_lit.eval.report import EvalReport, TaskResult, task_result
+from falqon_lit.eval.scoring import (
     chat_heldout_texts,
     encode_requests,
     evaluate,
@@ -23,6 +22,7 @@ from falqon_lit.evaluation import (
     loglikelihoods,
     score_choices,
 )
+from falqon_lit.eval.tasks import MultipleChoiceItem, hellaswag_preprocess, load_task, task_names
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Fakes: a character tokenizer and language models whose log-probabilities are known

@@ -7,8 +7,8 @@ import torch
 from fp8_devices import DEVICES, gemm_rtol
 
 from falqon_lit.config import Backend, GemmRole, ScaleGranularity
-from falqon_lit.gemm import fp8_gemm
-from falqon_lit.quantizer import Float8Quantizer, Float8Tensor
+from falqon_lit.fp8.gemm import fp8_gemm
+from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

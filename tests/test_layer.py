@@ -11,8 +11,8 @@ from fp8_devices import DEVICES, gemm_rtol
 from torch import nn
 
 from falqon_lit.config import Backend, BPolicy, FalqonConfig, InitMethod, ScaleGranularity
+from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
 
 GRANULARITIES = list(ScaleGranularity)
 SCALINGS = list(itertools.product(GRANULARITIES, GRANULARITIES))  # (weight, activation)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from falqon_lit.callbacks import FitSummary, RowwiseProxyUpdate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from falqon_lit.callbacks import FitSummary, RowwiseProxyUpdate
 from falqon_lit.config import BPolicy, FalqonConfig, InitMethod
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.module import FalqonLitModule

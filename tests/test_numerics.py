@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from falqon_lit.config import GemmRole, ScaleGranularity
-from falqon_lit.numerics import (
+from falqon_lit.fp8.numerics import (
     E4M3,
     E5M2,
     amax,
@@ -20,7 +20,7 @@ from falqon_lit.numerics import (
     saturating_cast,
     sqnr_db,
 )
-from falqon_lit.quantizer import Float8Quantizer
+from falqon_lit.fp8.quantizer import Float8Quantizer
 
 
 def _representable(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:

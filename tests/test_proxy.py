@@ -9,8 +9,8 @@ from fp8_devices import DEVICES
 from torch import nn
 
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
+from falqon_lit.fp8.numerics import E4M3
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3
 from falqon_lit.proxy import merge_bits, row_scores, select_rows, select_rows_batched
 
 

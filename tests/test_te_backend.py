@@ -16,13 +16,13 @@ from fp8_devices import gemm_rtol, requires_cuda_fp8
 from tiny_models import tiny_llama
 from torch import nn
 
-from falqon_lit import te_backend
 from falqon_lit.config import Backend, BPolicy, FalqonConfig, GemmRole, ScaleGranularity
 from falqon_lit.convert import convert_model
-from falqon_lit.gemm import fp8_gemm, resolve_backend
+from falqon_lit.fp8 import te_backend
+from falqon_lit.fp8.gemm import fp8_gemm, resolve_backend
+from falqon_lit.fp8.numerics import E4M3, E5M2, quantize_dynamic
+from falqon_lit.fp8.quantizer import Float8Quantizer
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.numerics import E4M3, E5M2, quantize_dynamic
-from falqon_lit.quantizer import Float8Quantizer
 
 TENSOR = ScaleGranularity.TENSOR
 ROW = ScaleGranularity.ROW

@@ -15,10 +15,10 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from falqon_lit.export import export_model
 from fp8_devices import requires_cuda_fp8
 
 from falqon_lit.config import FalqonConfig
+from falqon_lit.export import export_model
 from falqon_lit.layer import FalqonLinear
 
 REPO = Path(__file__).resolve().parents[1]

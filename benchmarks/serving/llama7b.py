@@ -45,7 +45,7 @@ def train_7b(model: nn.Module, steps: int = 5, batch: tuple[int, int] = (2, 256)
     """Convert to FALQON (``fp8-row``, random ``A``: 224 SVDs would cost minutes) and run a few optimizer steps,
     each followed by the row-wise proxy update, on random tokens."""
     from falqon_lit import FalqonConfig, convert_model, falqon_layers
-    from falqon_lit.proxy_graph import ProxyUpdater
+    from falqon_lit.proxy_updater import ProxyUpdater
 
     report = convert_model(model, FalqonConfig.from_recipe("fp8-row", init="random"))
     say(report.summary())
@@ -115,10 +115,10 @@ def measure_load(folder: Path, eager: bool) -> dict[str, Any]:
 
 def run_7b(args: argparse.Namespace, rec: Recorder) -> None:
     """The 7b part (see the module docstring); each load runs in its own process, folders are deleted at the end."""
-    from falqon_lit.export import export_model
     from transformers import AutoTokenizer
 
     from falqon_lit.assets import smollm2_path
+    from falqon_lit.export import export_model
 
     root = Path(tempfile.mkdtemp(prefix="serve_check_7b_", dir="/tmp"))
     try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .compare import Check, Reference, judge_vllm, token_logprobs
 from .procs import (
@@ -65,9 +65,9 @@ def train_smollm2(
         ``(module, data module, facts)``; ``module.model`` is the flushed FALQON model on the GPU.
     """
     import yaml
-    from falqon_lit.callbacks import RowwiseProxyUpdate
     from lightning.pytorch import Trainer, seed_everything
 
+    from falqon_lit.callbacks import RowwiseProxyUpdate
     from falqon_lit.data import InstructionDataModule
     from falqon_lit.module import FalqonLitModule
     from falqon_lit.optim import OptimConfig
@@ -241,10 +241,9 @@ def serve_comparison(llm: Any, port: int, chats: list[list[dict[str, str]]], com
 
 def run_smollm2(args: argparse.Namespace, rec: Recorder) -> None:
     """The smollm2 part (see the module docstring); results go to ``rec``."""
+    from falqon_lit.data import InstructionDataModule
     from falqon_lit.export import export_model, load_for_export
     from falqon_lit.export.verify import DEFAULT_PROMPTS
-
-    from falqon_lit.data import InstructionDataModule
 
     set_vllm_env()
     work = Path(tempfile.mkdtemp(prefix="serve_check_smollm2_"))

@@ -7,10 +7,10 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from falqon_lit.callbacks import RowwiseProxyUpdate
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 
+from falqon_lit.callbacks import RowwiseProxyUpdate
 from falqon_lit.config import BPolicy, FalqonConfig
 
 

@@ -7,11 +7,11 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from falqon_lit.callbacks import QuantStats
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 
-from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.callbacks import QuantStats
+from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
 
 LAYER = "model.model.layers.0.self_attn.q_proj"
 

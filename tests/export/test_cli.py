@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from falqon_lit.export import ExportError, export_model, load_for_export, save_falqon_model
-from falqon_lit.export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from safetensors.torch import load_file
 
 from falqon_lit import falqon_layers
+from falqon_lit.export import ExportError, export_model, load_for_export, save_falqon_model
+from falqon_lit.export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-from falqon_lit.export import ExportOptions, export_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from falqon_lit import falqon_layers
+from falqon_lit.export import ExportOptions, export_model
 
 
 def test_hf_export_round_trips_dequantized_weights(tiny, tmp_path):

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from falqon_lit.export import ExportError, ExportOptions, check_manifest, export_model
-from falqon_lit.export.verify import DEFAULT_PROMPTS
 from onnx import TensorProto
 
 from falqon_lit import falqon_layers
+from falqon_lit.export import ExportError, ExportOptions, check_manifest, export_model
+from falqon_lit.export.verify import DEFAULT_PROMPTS
 
 
 def _graph(folder):

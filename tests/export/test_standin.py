@@ -7,12 +7,12 @@ import itertools
 import pytest
 import reference
 import torch
-from falqon_lit.export.standin import ActivationMode, _DequantLinear, _WideRMSNorm, _WideRotary
 from tiny_models import tiny_llama
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from falqon_lit.config import FalqonConfig, ScaleGranularity
+from falqon_lit.export.standin import ActivationMode, _DequantLinear, _WideRMSNorm, _WideRotary
 from falqon_lit.layer import FalqonLinear
 
 SCALINGS = list(itertools.product(ScaleGranularity, ScaleGranularity))  # (weight, activation)

@@ -8,12 +8,12 @@ import warnings
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationConfig
-from falqon_lit.export import ExportError, check_manifest, export_model, plan_vllm_export, write_vllm
-from falqon_lit.export.verify import DEFAULT_PROMPTS
 from safetensors.torch import load_file
 
 from falqon_lit import FalqonConfig, convert_model, falqon_layers
-from falqon_lit.numerics import E4M3
+from falqon_lit.export import ExportError, check_manifest, export_model, plan_vllm_export, write_vllm
+from falqon_lit.export.verify import DEFAULT_PROMPTS
+from falqon_lit.fp8.numerics import E4M3
 
 
 def _stored(folder):

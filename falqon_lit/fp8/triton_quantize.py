@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.numerics import AMAX_EPS, E4M3, fp8_max
+from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 
 try:
     import triton

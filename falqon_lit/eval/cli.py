@@ -63,7 +63,7 @@ def _device(name: str) -> torch.device:
 
 
 def _check_tasks(spec: str) -> list[str]:
-    from falqon_lit.benchmarks_data import task_names
+    from falqon_lit.eval.tasks import task_names
 
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     if not tasks:
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation CLI; returns the exit status (0 ok, 2 bad arguments)."""
     from rich.console import Console
 
-    from falqon_lit.evaluation import evaluate
+    from falqon_lit.eval.scoring import evaluate
 
     args = _parser().parse_args(argv)
     try:
         if args.list_tasks:
-            from falqon_lit.benchmarks_data import task_names
+            from falqon_lit.eval.tasks import task_names
 
             print("\n".join(task_names()))
             return 0

@@ -6,13 +6,13 @@ import pytest
 import torch
 from fp8_devices import requires_cuda_fp8
 
-from falqon_lit import kernels
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.numerics import E4M3, E5M2, quantize_dynamic
+from falqon_lit.fp8 import triton_quantize
+from falqon_lit.fp8.numerics import E4M3, E5M2, quantize_dynamic
 
 
 def test_kernels_not_used_on_cpu():
-    assert not kernels.available(torch.randn(4, 16))
+    assert not triton_quantize.available(torch.randn(4, 16))
 
 
 @pytest.mark.gpu
@@ -25,7 +25,7 @@ def test_quantize_fused_matches_eager_bit_for_bit(dtype, granularity, with_col_s
     torch.manual_seed(rows + cols)
     x = (torch.randn(rows, cols, device="cuda") * torch.logspace(-2, 2, rows, device="cuda").unsqueeze(1)).bfloat16()
     col_scale = torch.rand(cols, device="cuda") + 0.5 if with_col_scale else None
-    got_fp8, got_scale = kernels.quantize_fused(x, dtype, granularity, col_scale)
+    got_fp8, got_scale = triton_quantize.quantize_fused(x, dtype, granularity, col_scale)
     x_ref = x.float() * col_scale if with_col_scale else x
     want_fp8, want_scale = quantize_dynamic(x_ref, dtype, granularity)
     assert got_scale.shape == want_scale.shape
@@ -40,7 +40,7 @@ def test_quantize_fused_strided_rows():
     torch.manual_seed(0)
     base = torch.randn(32, 160, device="cuda", dtype=torch.bfloat16)
     view = base[:, :128]
-    got, _ = kernels.quantize_fused(view, E4M3, ScaleGranularity.TENSOR)
+    got, _ = triton_quantize.quantize_fused(view, E4M3, ScaleGranularity.TENSOR)
     want, _ = quantize_dynamic(view.contiguous(), E4M3, ScaleGranularity.TENSOR)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
@@ -57,7 +57,7 @@ def test_quantize_fused_tail_equals_quantizing_the_concatenation(dtype, granular
     x = torch.randn(rows, cols + 8, device="cuda", dtype=torch.bfloat16)[:, :cols]  # strided, as a GEMM slice
     tail_hp = torch.randn(rows, tail, device="cuda", dtype=torch.bfloat16) * 4  # the tail often holds the amax
     col_scale = torch.rand(cols + tail, device="cuda") + 0.5 if with_col_scale else None
-    got_fp8, got_scale = kernels.quantize_fused(x, dtype, granularity, col_scale, tail_hp)
+    got_fp8, got_scale = triton_quantize.quantize_fused(x, dtype, granularity, col_scale, tail_hp)
     whole = torch.cat([x, tail_hp], dim=1)
     want_fp8, want_scale = quantize_dynamic(whole.float() * col_scale if with_col_scale else whole, dtype, granularity)
     assert got_fp8.shape == (rows, cols + tail)
@@ -71,6 +71,6 @@ def test_quantize_fused_tail_equals_quantizing_the_concatenation(dtype, granular
 def test_transpose_equals_torch_transpose(rows, cols):
     """The backward's on-the-fly transpose (``transpose_cache=False``): the same bytes as ``.t().contiguous()``."""
     x = torch.randn(rows, cols, device="cuda").to(E4M3)
-    got = kernels.transpose(x)
+    got = triton_quantize.transpose(x)
     assert got.shape == (cols, rows) and got.dtype == E4M3 and got.is_contiguous()
     assert torch.equal(got.view(torch.uint8), x.t().contiguous().view(torch.uint8))

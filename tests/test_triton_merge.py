@@ -8,9 +8,9 @@ import pytest
 import torch
 from fp8_devices import requires_cuda_fp8
 
-from falqon_lit import merge_kernel
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.fp8 import triton_merge
+from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
 from falqon_lit.proxy import MergeResult, merge_bits, merge_rows, select_rows
 
 
@@ -55,7 +55,7 @@ def _eager_merge(layer: _Layer, granularity: ScaleGranularity, bits: torch.Tenso
 
 def _fused_merge(layer: _Layer, **rounding: object) -> torch.Tensor:
     """Run the fused merge in place on ``layer``'s buffers; returns its statistics."""
-    return merge_kernel.merge_rows_fused(
+    return triton_merge.merge_rows_fused(
         layer.rows, layer.lora_b, layer.w_fp8, layer.w_t, layer.w_scale, layer.out_f, **rounding
     )
 
@@ -101,8 +101,8 @@ def _assert_fused_matches_eager(before: _Layer, after: _Layer, stats: torch.Tens
     assert torch.allclose(stats[2], eager.magnitude, rtol=1e-4)
 
 
-def test_merge_kernel_not_used_on_cpu():
-    assert not merge_kernel.available(torch.zeros(2, 2, dtype=E4M3))
+def test_triton_merge_not_used_on_cpu():
+    assert not triton_merge.available(torch.zeros(2, 2, dtype=E4M3))
 
 
 @pytest.mark.gpu

@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import torch
 
-from falqon_lit import kernels, te_backend
 from falqon_lit.config import Backend, GemmRole, ScaleGranularity
-from falqon_lit.numerics import E4M3, E5M2, dequantize, quantize_dynamic
+from falqon_lit.fp8 import te_backend, triton_quantize
+from falqon_lit.fp8.numerics import E4M3, E5M2, dequantize, quantize_dynamic
 
 
 class Float8Tensor(NamedTuple):
@@ -64,8 +64,8 @@ class Float8Quantizer:
                 raise ValueError("backend 'te' quantizes with one scale per tensor only")
             x_hp = x_hp if tail is None else torch.cat([x_hp, tail], dim=1)
             return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
-        if kernels.available(x_hp):
-            return Float8Tensor(*kernels.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
+        if triton_quantize.available(x_hp):
+            return Float8Tensor(*triton_quantize.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
         if tail is not None:
             x_hp = torch.cat([x_hp, tail], dim=1)
         if col_scale is not None:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from falqon_lit.benchmarks_data import MultipleChoiceItem, load_task
-from falqon_lit.eval_report import EvalReport, TaskResult, task_result
+from falqon_lit.eval.report import EvalReport, TaskResult, task_result
+from falqon_lit.eval.tasks import MultipleChoiceItem, load_task
 
 __all__ = [
     "EvalReport",
@@ -257,7 +257,7 @@ def evaluate(
     Args:
         model: Causal LM (plain, FALQON-converted, or loaded from an export).
         tokenizer: Its tokenizer.
-        tasks: Names from :func:`falqon_lit.benchmarks_data.task_names` (``"arc_easy"``, ``"mmlu"``, ...).
+        tasks: Names from :func:`falqon_lit.eval.tasks.task_names` (``"arc_easy"``, ``"mmlu"``, ...).
         limit: First ``limit`` rows of each task (per subject for ``mmlu``); ``None`` for all.
         batch_size: Sequences per forward pass.
         max_length: As for :func:`loglikelihoods`.

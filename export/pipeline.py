@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from falqon_lit.config import FalqonConfig
-from falqon_lit.convert import falqon_layers
+from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
 from .hf import write_hf

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from falqon_lit import te_backend
 from falqon_lit.config import Backend
-from falqon_lit.quantizer import Float8Tensor
+from falqon_lit.fp8 import te_backend
+from falqon_lit.fp8.quantizer import Float8Tensor
 
 
 def resolve_backend(backend: Backend, device: torch.device) -> Backend:

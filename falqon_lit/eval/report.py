@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from falqon_lit.benchmarks_data import MultipleChoiceItem
+from falqon_lit.eval.tasks import MultipleChoiceItem
 
 
 def _stderr(p: float, n: int) -> float | None:

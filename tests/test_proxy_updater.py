@@ -11,7 +11,7 @@ from torch import nn
 
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.proxy_graph import ProxyUpdater
+from falqon_lit.proxy_updater import ProxyUpdater
 
 _STATE = ("weight_fp8", "weight_t_fp8", "weight_scale", "lora_B", "merge_rows", "merge_saturated", "merge_lost")
 

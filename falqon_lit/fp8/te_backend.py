@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from falqon_lit.numerics import AMAX_EPS, E4M3, E5M2
+from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, E5M2
 
 INSTALL_HINT = "install it with `pip install 'falqon-lit[te]'` (needs CUDA), or use backend 'torch'"
 
