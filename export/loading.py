@@ -1,13 +1,12 @@
 """What to export: a converted causal LM and its tokenizer, from a Lightning checkpoint or a saved FALQON folder.
 
-Both the trainer's checkpoints (``FalqonLitModule.load_from_checkpoint``) and folders written by
+Both the trainer's checkpoints (``falqon_lit.checkpoint.load_checkpoint``, no Lightning needed) and folders written by
 :func:`save_falqon_model` (model + tokenizer, no Lightning needed) are accepted. Everything here validates the input
 once and raises :class:`ExportError` with the path, what is wrong and what to do.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -15,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
-from falqon_lit.config import FalqonConfig, InitMethod
-from falqon_lit.convert import convert_model
+from falqon_lit.checkpoint import CheckpointError, load_checkpoint, plain_falqon, rebuild_converted
+from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
@@ -46,9 +45,7 @@ class ExportSource:
 
 def config_to_dict(config: FalqonConfig | None) -> dict[str, Any] | None:
     """JSON-safe dict of a ``FalqonConfig`` (enums as their string values)."""
-    if config is None:
-        return None
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
+    return None if config is None else plain_falqon(config)
 
 
 def require_falqon(model: nn.Module, origin: str) -> None:
@@ -104,23 +101,16 @@ def save_falqon_model(
 
 
 def _load_folder(folder: Path) -> ExportSource:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     meta = json.loads((folder / FALQON_MODEL_FILE).read_text(encoding="utf-8"))
     falqon_config = FalqonConfig(**meta["falqon_config"])
-    # Rebuild the same layers (random A init: the saved bytes overwrite it) and load every buffer back exactly.
-    rebuild = dataclasses.replace(falqon_config, target_modules=meta["converted"], init=InitMethod.RANDOM)
     dtype = getattr(torch, meta.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
-    convert_model(model, rebuild)
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ExportError(
-            f"'{folder}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; re-save it"
-        )
-    for layer in falqon_layers(model).values():
-        layer.config = falqon_config
-    model.eval()
+    state = load_file(str(folder / "model.safetensors"))
+    try:
+        model = rebuild_converted(AutoConfig.from_pretrained(folder), falqon_config, meta["converted"], dtype, state)
+    except ValueError as err:
+        raise ExportError(f"'{folder}' does not match its config ({err}); re-save it") from None
     tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return ExportSource(model, tokenizer, falqon_config, str(folder))
 
@@ -132,26 +122,10 @@ def _has_tokenizer(folder: Path) -> bool:
 # --------------------------------------------------------------------------------------------- Lightning checkpoints
 def _load_lightning(path: Path) -> ExportSource:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # any unreadable file is the same user error
-        raise ExportError(f"cannot read checkpoint '{path}' ({type(err).__name__}: {err}); pass a .ckpt file") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not any(k.endswith(".weight_fp8") for k in state):
-        raise ExportError(
-            f"'{path}' is not a FALQON checkpoint: its state_dict has no FP8 'weight_fp8' buffers; pass a checkpoint "
-            "written by `falqon fit` or a folder from save_falqon_model"
-        )
-    del checkpoint, state
-    try:
-        from falqon_lit.module import FalqonLitModule
-    except ImportError as err:
-        raise ExportError(f"loading Lightning checkpoint '{path}' needs falqon_lit.module ({err})") from None
-    module = FalqonLitModule.load_from_checkpoint(path, map_location="cpu")
-    model = getattr(module, "model", None)
-    if model is None:
-        raise ExportError(f"checkpoint '{path}' rebuilt a FalqonLitModule without a model; re-save it from training")
-    model.eval()
-    return ExportSource(model, getattr(module, "tokenizer", None), getattr(module, "falqon_config", None), str(path))
+        loaded = load_checkpoint(path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    return ExportSource(loaded.model, loaded.tokenizer, loaded.falqon_config, str(path))
 
 
 def load_for_export(path: str | os.PathLike[str]) -> ExportSource:

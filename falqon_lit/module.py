@@ -6,7 +6,7 @@ The backbone's config and tokenizer are read in ``__init__`` (cheap, and the dat
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import os
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from falqon_lit.backbone import (
     parse_dtype,
     resolve_backbone,
 )
+from falqon_lit.checkpoint import RECORD_KEY, check_record, model_record, plain_falqon
 from falqon_lit.config import FalqonConfig
 from falqon_lit.convert import ConversionReport, convert_model
 from falqon_lit.generation import generate_text
@@ -34,10 +35,6 @@ from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
 
 IGNORE_INDEX = -100
 """Label value of tokens that are not trained (prompt, padding)."""
-
-
-def _plain_falqon(config: FalqonConfig) -> dict[str, Any]:
-    return {k: v.value if hasattr(v, "value") else v for k, v in asdict(config).items()}
 
 
 def _coerce(value: Any, cls: type) -> Any:
@@ -85,7 +82,7 @@ class FalqonLitModule(LightningModule):
         if "_instantiator" not in self.hparams:
             # Saved hyperparameters must be plain values so that checkpoints load with torch.load(weights_only=True).
             # (Under LightningCLI they already are: the CLI saves its own config dump and re-parses it on load.)
-            self.hparams["falqon"] = _plain_falqon(self.falqon_config)
+            self.hparams["falqon"] = plain_falqon(self.falqon_config)
             self.hparams["optim"] = self.optim_config.to_dict()
 
         self.backbone = resolve_backbone(model, tokenizer)
@@ -124,6 +121,39 @@ class FalqonLitModule(LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: shard the FP8 rows over the data-parallel ranks
             shard_falqon_model(model, data_parallel_mesh(self.device_mesh))
         rank_zero_info(self.conversion.summary())
+
+    def model_record(self, full: bool = False) -> dict[str, Any]:
+        """The record that identifies this module's model in checkpoints (``full``: with layer shapes and tokenizer
+        files, which make the checkpoint loadable without the model folder; see ``falqon_lit.checkpoint``)."""
+        return model_record(
+            self.backbone.config,
+            self.falqon_config,
+            self.torch_dtype,
+            source=self.backbone.weights,
+            model=self.model if full else None,
+            tokenizer=self.tokenizer if full else None,
+        )
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD_KEY] = self.model_record(full=True)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint of another model must not silently replace the configured one (it would load, shapes allowing).
+        check_record("checkpoint", checkpoint, self.model_record())
+
+    @override
+    def on_train_end(self) -> None:
+        # After every callback's on_train_end, so after RowwiseProxyUpdate's final flush: the saved state is the
+        # trained model as exported. Checkpoints written at validation hold unmerged rows of B.
+        callback = self.trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return
+        path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+        self.trainer.save_checkpoint(path, weights_only=False)  # with optimizer state: resumable
+        rank_zero_info(f"final checkpoint (after the flush): {path}")
 
     def falqon_layers(self) -> dict[str, torch.nn.Module]:
         """The ``FalqonLinear`` layers by name (empty before ``configure_model``)."""

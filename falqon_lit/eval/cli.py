@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +76,13 @@ def _check_tasks(spec: str) -> list[str]:
 
 
 def _load_checkpoint(path: Path) -> tuple[Any, Any]:
-    if not path.is_file():
-        raise EvalCliError(f"--ckpt {str(path)!r} is not a file; pass a Lightning .ckpt of a FalqonLitModule")
-    if find_spec("falqon_lit.module") is None:
-        raise EvalCliError("--ckpt needs falqon_lit.module (FalqonLitModule), which is not installed here")
-    from falqon_lit.module import FalqonLitModule  # Lightning is imported only on this path
+    from falqon_lit.checkpoint import CheckpointError, load_checkpoint
 
-    module = FalqonLitModule.load_from_checkpoint(path, map_location="cpu")
-    if getattr(module, "model", None) is None:
-        module.configure_model()
-    return module.model, module.tokenizer  # in the dtype the module was trained with
+    try:
+        loaded = load_checkpoint(path, what="--ckpt")
+    except CheckpointError as err:
+        raise EvalCliError(str(err)) from None
+    return loaded.model, loaded.tokenizer  # in the dtype the module was trained with
 
 
 def _load_folder(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
