@@ -1,104 +1,69 @@
-"""``falqon``: LightningCLI over ``FalqonLitModule`` and ``InstructionDataModule`` (fit/validate/test/predict).
+"""``falqon``: train (``fit|validate|test|predict``, LightningCLI), score (``eval``) and draw (``plot``).
 
 ``falqon fit --config configs/quickstart.yaml`` trains; ``--print_config`` prints the resolved YAML; any key can be
-overridden on the command line (``--trainer.max_steps 10``). The resolved config is saved next to the logs and
-checkpoints. Bad configs or data end with one ``error: ...`` line on stderr and exit status 2.
+overridden on the command line (``--trainer.max_steps 10``). Bad configs or data end with one ``error: ...`` line on
+stderr and exit status 2. Lightning, transformers and the trainer are imported only for the subcommand that needs
+them, so ``falqon --help`` answers at once.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sys
-import warnings
 from typing import Any
-
-from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
-from typing_extensions import override
-
-from falqon_lit.data import InstructionDataModule
-from falqon_lit.module import FalqonLitModule
 
 EXIT_USAGE = 2
 """Exit status for bad configs and data (argparse's convention)."""
-_UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type")
+_TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: falqon {fit,validate,test,predict,eval,plot} ...
 
+FALQON: FP8 melded-LoRA fine-tuning on Lightning.
 
-class FalqonCLI(LightningCLI):
-    """LightningCLI with a Rich progress bar unless the config disables progress bars or brings its own."""
+subcommands:
+  fit        train: falqon fit --config configs/quickstart.yaml [--trainer.max_steps N] [--ckpt_path CKPT]
+  validate   validation loss of a checkpoint (--ckpt_path)
+  test       test loss of a checkpoint (--ckpt_path)
+  predict    greedy completions of the validation prompts
+  eval       zero-shot benchmark accuracy: falqon eval --ckpt CKPT --tasks arc_easy --limit 100
+  plot       training-curve and FP8-statistics PNGs: falqon plot LOG_DIR --out DIR
 
-    @override
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer_config = config.get("trainer", {})
-        callbacks = list(trainer_config.get("callbacks") or [])
-        if trainer_config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-        return super().instantiate_trainer(**kwargs)
-
-    def _prepare_data(self) -> None:
-        # Load and tokenize before the Trainer runs: bad data then fails before loggers create run folders.
-        self.datamodule.prepare(self.model.tokenizer, self.model.context_length)
-
-    def before_fit(self) -> None:
-        """Prepare the data before ``fit``."""
-        self._prepare_data()
-
-    def before_validate(self) -> None:
-        """Prepare the data before ``validate``."""
-        self._prepare_data()
-
-    def before_test(self) -> None:
-        """Prepare the data before ``test``."""
-        self._prepare_data()
-
-    def before_predict(self) -> None:
-        """Prepare the data before ``predict``."""
-        self._prepare_data()
-
-
-def _one_line(err: BaseException) -> str:
-    """A parser error (often a nested multi-line union report) as one line, noise lines dropped."""
-    lines = [re.sub(r"^\s*- ", "", line).strip() for line in str(err).splitlines()]
-    kept = [line for line in lines if line and not line.startswith(_UNION_NOISE) and "NoneType" not in line]
-    return " ".join(kept) or type(err).__name__
+`falqon SUBCOMMAND --help` lists a subcommand's options (fit: every config key). Export: falqon-export --help.
+"""
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 for a bad config or bad data).
-
-    ``falqon eval ...`` (benchmark scoring) goes to ``falqon_lit.eval.cli``, ``falqon plot LOG_DIR [--out DIR]``
-    (training-curve and FP8-statistics PNGs) to ``falqon_lit.plots``; every other subcommand is LightningCLI's.
-    """
+    """Run the CLI; returns the exit status (0, or 2 for a bad config, checkpoint or data)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["eval"]:
+    command = argv[0] if argv else None
+    if command == "eval":
         from falqon_lit.eval.cli import main as eval_main
 
         return eval_main(argv[1:])
-    if argv[:1] == ["plot"]:
+    if command == "plot":
         from falqon_lit.plots import main as plot_main
 
         return plot_main(argv[1:])
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    try:
-        FalqonCLI(
-            FalqonLitModule,
-            InstructionDataModule,
-            args=args,
-            auto_configure_optimizers=False,  # FalqonLitModule.optim owns the optimizer and schedule
-            parser_kwargs={"exit_on_error": False},
-            save_config_kwargs={"overwrite": False},
+    if command in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    if command not in _TRAINER_COMMANDS and not (command or "").startswith("-"):  # options go to LightningCLI
+        got = f"unknown subcommand {command!r}" if command else "no subcommand"
+        print(
+            f"error: {got}; use one of {', '.join((*_TRAINER_COMMANDS, 'eval', 'plot'))} (see falqon --help)",
+            file=sys.stderr,
         )
-    except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    from falqon_lit.trainer_cli import run
+
+    return run(None if args is None else argv)  # None: LightningCLI reads sys.argv itself (and does not warn)
+
+
+def __getattr__(name: str) -> Any:
+    # The LightningCLI class, imported on first use (it pulls in Lightning and transformers).
+    if name == "FalqonCLI":
+        from falqon_lit.trainer_cli import FalqonCLI
+
+        return FalqonCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ class FalqonLitModule(LightningModule):
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.conversion = convert_model(model, self.falqon_config)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.2x names it activation checkpointing (the old name warns FutureWarning).
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if self.compile_decoder:
             rank_zero_info(f"torch.compile: {compile_blocks(model)} decoder blocks (compiled on the first steps)")
         self.model = model

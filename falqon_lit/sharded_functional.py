@@ -13,15 +13,19 @@ from falqon_lit.fp8.numerics import E4M3
 from falqon_lit.fp8.quantizer import Float8Tensor
 from falqon_lit.functional import melded_forward, melded_grad_input, transposed
 
-
 # ------------------------------------------------------------------------------------------------- collectives
+# torch 2.13 renamed the single-tensor collectives (the old names warn FutureWarning); older torch has only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_rows(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's ``local`` along dim 0 (FP8 travels as bytes: gloo has no float8 type)."""
     world = dist.get_world_size(group)
     as_bytes = local.dtype in (E4M3, torch.float8_e5m2)
     src = local.contiguous().view(torch.uint8) if as_bytes else local.contiguous()
     out = torch.empty((world * src.shape[0], *src.shape[1:]), dtype=src.dtype, device=src.device)
-    dist.all_gather_into_tensor(out, src, group=group)
+    _all_gather(out, src, group=group)
     return out.view(local.dtype) if as_bytes else out
 
 
@@ -29,7 +33,7 @@ def reduce_scatter_rows_mean(full: torch.Tensor, group: dist.ProcessGroup) -> to
     """This rank's rows of the mean of ``full`` over ranks (the DDP gradient average, scattered)."""
     world = dist.get_world_size(group)
     out = torch.empty((full.shape[0] // world, *full.shape[1:]), dtype=full.dtype, device=full.device)
-    dist.reduce_scatter_tensor(out, full.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter(out, full.contiguous(), op=dist.ReduceOp.SUM, group=group)
     return out.div_(world)
 
 
