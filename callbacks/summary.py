@@ -96,6 +96,8 @@ class FitSummary(Callback):
             ("optimizer steps", f"{steps} (global step {trainer.global_step})"),
             ("fit time", f"{seconds:.1f} s ({seconds / max(steps, 1):.2f} s/step)"),
             ("val loss before → after", f"{self.loss_before:.4f} → {self.loss_after:.4f}"),
+            # The bar's val/loss was measured at the last validation, on limit_val_batches, before the flush.
+            ("  measured on", f"first {self.eval_batches} val batches; 'after' follows the final flush"),
             ("val perplexity before → after", f"{math.exp(self.loss_before):.2f} → {math.exp(self.loss_after):.2f}"),
             ("FALQON layers", str(len(layers))),
             ("FP8 weight bytes [W; A]", f"{fp8_bytes:,} ({fp8_bytes / 2**20:.1f} MiB)"),
@@ -105,6 +107,7 @@ class FitSummary(Callback):
     @rank_zero_only
     def _print(self, trainer: Trainer, pl_module: LightningModule, seconds: float) -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = Console()
@@ -112,17 +115,20 @@ class FitSummary(Callback):
         for name, value in self.summary_rows(trainer, pl_module, seconds):
             table.add_row(name, value)
         console.print(table)
-        prompts = trainer.datamodule.sample_prompts(self.num_samples) if self.num_samples else []
+        conversations = getattr(trainer.datamodule, "val_conversations", [])
         for i, (before, after) in enumerate(zip(self.samples_before, self.samples_after, strict=False)):
             samples = Table(title=f"sample {i + 1}", show_header=True, expand=True)
             samples.add_column("before")
             samples.add_column("after")
             samples.add_row(before or "(empty)", after or "(empty)")
-            console.print(f"[dim]prompt:[/dim] {_last_user_turn(prompts[i])}")
+            if i < len(conversations):
+                console.print(f"[dim]prompt:[/dim] {escape(_last_user_turn(conversations[i]))}", highlight=False)
             console.print(samples)
 
 
-def _last_user_turn(prompt: str, width: int = 200) -> str:
-    # Rendered prompts carry the template's framing; the tail is what the user said last.
-    text = " ".join(prompt.split())
-    return text if len(text) <= width else "…" + text[-width:]
+def _last_user_turn(messages: list[dict[str, str]], width: int = 200) -> str:
+    # What the user said last before the first reply (the sample asks for that reply), not the chat template.
+    first_reply = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    text = next((m["content"] for m in reversed(messages[:first_reply]) if m["role"] == "user"), "")
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width] + "…"

@@ -86,13 +86,29 @@ def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None =
             config = AutoConfig.for_model(model_type, **values)
         except ValueError as err:
             raise ValueError(f"--model config dict: {err}") from None
-        return BackboneSpec(config, None, tokenizer or _embedded_path())
+        return BackboneSpec(_require_causal(config, model_type), None, tokenizer or _embedded_path())
     if not isinstance(model, str):
         raise TypeError(f"--model must be a path, a hub name, a config dict or None, got {type(model).__name__}")
     if _looks_like_path(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"--model folder {model!r} does not exist; pass a Hugging Face model folder")
     name = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
-    return BackboneSpec(_load_config(name), name, tokenizer or name)
+    return BackboneSpec(_require_causal(_load_config(name), model), name, tokenizer or name)
+
+
+def _require_causal(config: PretrainedConfig, name: str) -> PretrainedConfig:
+    """The config, if ``transformers`` has a causal-LM head for its model type.
+
+    Raises:
+        ValueError: an encoder or encoder-decoder model (BERT, T5, ...), in one short line.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"--model {name!r} is a {config.model_type!r} model, which has no causal-LM head in transformers; pass a "
+            "decoder-only model (llama, qwen2, mistral, ...)"
+        )
+    return config
 
 
 def _looks_like_path(name: str) -> bool:

@@ -131,7 +131,7 @@ def check_record(path: str | os.PathLike[str], checkpoint: dict[str, Any], wante
         CheckpointError: one line naming the checkpoint and what differs.
     """
     saved = checkpoint.get(RECORD_KEY)
-    if saved is None:
+    if saved is None:  # written before records existed: nothing to compare
         return
     if (difference := mismatch(saved, wanted)) is not None:
         raise CheckpointError(

@@ -6,7 +6,10 @@ Sources: a local JSON/JSONL/parquet file, a ``datasets.save_to_disk`` folder, th
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,22 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).suffix in _FILE_BUILDERS or source.count("/") > 1
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars or log lines while a local file is read (the data line reports the result)."""
+    from datasets.utils import logging as ds_logging
+
+    bars_were_on, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # its errors come back as one line of ours
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            ds_logging.enable_progress_bar()
 
 
 def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
@@ -65,7 +84,11 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
         builder = _FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"--data.source {source!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}")
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            with _quiet_datasets():
+                loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # datasets reports neither the file nor the line
+            raise ValueError(_unreadable(source, path, builder, err)) from None
     elif _looks_like_path(source):
         raise FileNotFoundError(f"--data.source {source!r} does not exist; pass a JSON/JSONL/parquet file or folder")
     else:
@@ -73,6 +96,23 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
     return list(loaded)
+
+
+def _unreadable(source: str, path: Path, builder: str, err: Exception) -> str:
+    """Why ``datasets`` could not read a data file, as one line naming the file and, for JSON, the line."""
+    if builder == "json":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        documents = text.splitlines() if path.suffix == ".jsonl" else [text]
+        for number, document in enumerate(documents, 1):
+            if not document.strip():
+                continue
+            try:
+                json.loads(document)
+            except json.JSONDecodeError as bad:
+                line = number if path.suffix == ".jsonl" else bad.lineno
+                return f"--data.source {source!r} line {line} is not valid JSON ({bad.msg}); fix or remove that line"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return f"--data.source {source!r} cannot be read as {builder} ({reason}); check the file"
 
 
 class InstructionDataModule(LightningDataModule):
@@ -172,7 +212,12 @@ class InstructionDataModule(LightningDataModule):
         records = load_records(self.source, self.split, self.limit)
         if not records:
             raise ValueError(f"--data.source {self.source!r} has no records")
-        conversations = [to_messages(r) for r in records]
+        conversations = []
+        for number, record in enumerate(records):
+            try:
+                conversations.append(to_messages(record))
+            except ValueError as err:
+                raise ValueError(f"--data.source {self.source!r}, record {number}: {err}") from None
         order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = max(1, round(self.val_fraction * len(order))) if self.val_fraction > 0 else 0
         if n_val >= len(order):

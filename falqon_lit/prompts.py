@@ -51,7 +51,11 @@ def to_messages(record: Mapping[str, Any]) -> list[Message]:
         ValueError: the record has none of the known column layouts.
     """
     if "messages" in record:
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+        try:
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+        except (KeyError, TypeError):
+            shown = str(record["messages"])[:80]
+            raise ValueError(f"'messages' must be a list of {{'role', 'content'}} objects, got {shown}") from None
     if "conversations" in record:
         return [
             {"role": _SHAREGPT_ROLES.get(str(m.get("from", m.get("role"))), "user"), "content": str(m.get("value", ""))}

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
-from falqon_lit.checkpoint import check_record, read_checkpoint
+from falqon_lit.checkpoint import RECORD_KEY, check_record, read_checkpoint
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.module import FalqonLitModule
 from falqon_lit.preflight import check_conversion
@@ -70,13 +70,20 @@ class FalqonCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, *extra]
         return super().instantiate_trainer(**kwargs)
 
-    def _preflight(self) -> None:
-        # Before the Trainer runs: its setup writes config.yaml and the loggers' folders.
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace the configured model by the checkpoint's hyperparameters here, so that a resume
+        # silently trains the checkpoint's model. Instead read the file once (one-line errors for missing, truncated
+        # or foreign files) and compare its model record with the configured model in _preflight.
+        self._ckpt_record: tuple[str, dict[str, Any]] | None = None
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path is not None and str(ckpt_path) not in _CKPT_KEYWORDS:
             checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
-            check_record(ckpt_path, checkpoint, self.model.model_record())
-            del checkpoint
+            self._ckpt_record = (str(ckpt_path), {RECORD_KEY: checkpoint.get(RECORD_KEY)})
+
+    def _preflight(self) -> None:
+        # Before the Trainer runs: its setup writes config.yaml and the loggers' folders.
+        if self._ckpt_record is not None:
+            check_record(*self._ckpt_record, self.model.model_record())
         if self.model.model is None:
             check_conversion(self.model.backbone.config, self.model.falqon_config)
         self.datamodule.prepare(self.model.tokenizer, self.model.context_length)
@@ -106,6 +113,19 @@ def _one_line(err: BaseException) -> str:
     return re.sub(r"\s*(with )?Namespace\(.*$", "", " ".join(kept)) or type(err).__name__
 
 
+class _Stdout:
+    """Whatever ``sys.stdout`` is at each write (a handler keeps its stream; tests and notebooks replace stdout)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+_STDOUT = _Stdout()
+
+
 class _NoAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_ADVERTS)
@@ -115,6 +135,12 @@ def _quiet_lightning() -> None:
     from lightning_utilities.core import rank_zero
 
     rank_zero.log.addFilter(_NoAdverts())  # Lightning logs its info lines (tips included) through this logger
+    # Lightning's info lines ("Seed set to 0", "GPU available: False") are progress, not errors: stdout, so that a
+    # failing run's stderr is its one error line.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:  # Lightning's own console handlers, not a user's file
+                handler.setStream(_STDOUT)
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # Lightning's own pytree helper still uses torch's deprecated LeafSpec check (harmless, printed every run).
@@ -146,7 +172,11 @@ def pick_threads(environ: dict[str, str] | None = None) -> int | None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run LightningCLI on ``argv`` (``None``: ``sys.argv``); returns the exit status (0, or 2 for a bad config, checkpoint or data)."""
+    """Run LightningCLI on ``argv`` (``None``: ``sys.argv``).
+
+    Returns:
+        The exit status: 0, or 2 for a bad config, checkpoint or data.
+    """
     _quiet_lightning()
     pick_threads()
     try:
