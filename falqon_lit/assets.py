@@ -133,9 +133,12 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         try:
             from rich.console import Console
 
-            log.info("Converting %s into %s (one-off, about 30 s)", gguf_path, target)
+            log.debug("Converting %s into %s (one-off, about 30 s)", gguf_path, target)
             start = time.perf_counter()
-            with Console(stderr=True).status(f"Converting {gguf_path.name} to a Hugging Face folder (one-off)..."):
+            from falqon_lit.backbone import quiet_transformers
+
+            status = f"Converting the embedded {gguf_path.name} (Q4_1) to a float32 Hugging Face folder (one-off)..."
+            with Console(stderr=True).status(status), quiet_transformers():
                 _write_hf_folder(gguf_path, tmp)
             if missing := _missing_files(tmp):
                 raise RuntimeError(f"Conversion of '{gguf_path}' did not write {missing}; nothing was cached")
@@ -150,7 +153,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
                     raise
                 log.info("Another process converted %s first; using its folder", target)
             else:
-                log.info("Converted %s in %.1f s", target, time.perf_counter() - start)
+                log.debug("Converted %s in %.1f s", target, time.perf_counter() - start)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if missing := _missing_files(target):

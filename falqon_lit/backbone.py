@@ -10,6 +10,8 @@ Three kinds of spec, as the ``model`` argument of :class:`~falqon_lit.module.Fal
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,10 +136,28 @@ def load_tokenizer(spec: BackboneSpec) -> Tokenizer:
     return tok
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No ``transformers`` progress bars (weight loading, GGUF de-quantization) and only its errors while loading:
+    the caller prints one line saying what is loaded instead."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(spec: BackboneSpec, dtype: torch.dtype, init_seed: int = 0) -> PreTrainedModel:
     """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG)."""
     if spec.weights is not None:
-        return AutoModelForCausalLM.from_pretrained(spec.weights, dtype=dtype)
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(spec.weights, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         return AutoModelForCausalLM.from_config(spec.config, dtype=dtype)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from falqon_lit import cli
@@ -47,15 +48,23 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
+def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: Path, capfd) -> None:
     assert cli.main(["fit", "--config", str(tiny_config)]) == 0
     version = tmp_path / "run" / "lightning_logs" / "version_0"
     written = set(_files(version))
-    assert {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"} <= written
-    assert all(
-        name.startswith("events.out.tfevents")
-        for name in written - {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"}
-    )
+    expected = {
+        "config.yaml",
+        "hparams.yaml",
+        "quant_stats.png",
+        "checkpoints/epoch=0-step=3.ckpt",
+        "checkpoints/last.ckpt",
+    }
+    assert expected <= written
+    assert all(name.startswith("events.out.tfevents") for name in written - expected)
+    out, err = capfd.readouterr()
+    assert f"final checkpoint (after the flush): {version / 'checkpoints' / 'last.ckpt'}" in out
+    for noise in ("Tip:", "LeafSpec", "Total params", "FutureWarning"):  # Lightning adverts, deprecations, its table
+        assert noise not in out + err, noise
     saved = yaml.safe_load((version / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3 and saved["model"]["model"]["hidden_size"] == 64
     module = FalqonLitModule.load_from_checkpoint(version / "checkpoints" / "epoch=0-step=3.ckpt")
@@ -150,3 +159,77 @@ def test_cli_plot_subcommand_dispatches_to_plots(tmp_path, capsys) -> None:
 
     assert main(["plot", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_fit_saves_last_ckpt_when_no_validation_ends_the_run(tiny_config: Path, tmp_path: Path) -> None:
+    # Validation every 2 steps, 3 steps: Lightning's checkpoints stop at step 2, before the final flush.
+    assert cli.main(["fit", "--config", str(tiny_config), "--trainer.val_check_interval=2"]) == 0
+    saved = torch.load(tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 3
+    assert all(not value.any() for key, value in saved["state_dict"].items() if key.endswith("lora_B"))
+
+
+def test_cli_resume_refuses_a_checkpoint_of_another_model(tiny_config: Path, tmp_path: Path, capfd) -> None:
+    assert cli.main(["fit", "--config", str(tiny_config), "--trainer.max_steps=2"]) == 0
+    last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    config = yaml.safe_load(tiny_config.read_text())
+    config["model"]["model"]["model_type"] = "mistral"
+    (tmp_path / "mistral.yaml").write_text(yaml.safe_dump(config))
+    capfd.readouterr()
+    assert cli.main(["fit", "--config", str(tmp_path / "mistral.yaml"), f"--ckpt_path={last}"]) == cli.EXIT_USAGE
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: checkpoint '{last}' does not match the configured model: it holds a llama model, the configured "
+        "model is a mistral; pass the --model and --model.falqon settings it was trained with, or another checkpoint"
+    ]
+    assert not (tmp_path / "run" / "lightning_logs" / "version_1").exists()
+    # The matching model resumes from it (and trains on to step 3).
+    assert cli.main(["fit", "--config", str(tiny_config), f"--ckpt_path={last}"]) == 0
+    assert (
+        torch.load(tmp_path / "run" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    )
+
+
+def test_cli_help_lists_every_subcommand_without_importing_torch() -> None:
+    code = "import sys; from falqon_lit.cli import main; main(['--help']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert {line.split()[0] for line in lines if line.startswith("  ")} == {
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "eval",
+        "plot",
+    }
+    assert lines[-1] == "False"
+
+
+def test_cli_progress_bar_has_no_negative_epoch_total() -> None:
+    from types import SimpleNamespace
+
+    from falqon_lit.trainer_cli import FalqonProgressBar
+
+    bar = FalqonProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # what Lightning sets when only max_steps bounds the run
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+@pytest.mark.parametrize(
+    ("environ", "load", "threads"),
+    [({}, 3.0, 1), ({}, 0.2, None), ({"OMP_NUM_THREADS": "2"}, 3.0, None)],
+    ids=["busy", "idle", "user-set"],
+)
+def test_cli_pick_threads_on_a_busy_two_core_machine(monkeypatch, environ, load, threads) -> None:
+    from falqon_lit import trainer_cli
+
+    monkeypatch.setattr(trainer_cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(trainer_cli.os, "getloadavg", lambda: (load, load, load))
+    before = torch.get_num_threads()
+    try:
+        assert trainer_cli.pick_threads(environ) == threads
+        assert torch.get_num_threads() == (threads or before)
+    finally:
+        torch.set_num_threads(before)
