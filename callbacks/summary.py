@@ -96,8 +96,6 @@ class FitSummary(Callback):
             ("optimizer steps", f"{steps} (global step {trainer.global_step})"),
             ("fit time", f"{seconds:.1f} s ({seconds / max(steps, 1):.2f} s/step)"),
             ("val loss before → after", f"{self.loss_before:.4f} → {self.loss_after:.4f}"),
-            # The bar's val/loss was measured at the last validation, on limit_val_batches, before the flush.
-            ("  measured on", f"first {self.eval_batches} val batches; 'after' follows the final flush"),
             ("val perplexity before → after", f"{math.exp(self.loss_before):.2f} → {math.exp(self.loss_after):.2f}"),
             ("FALQON layers", str(len(layers))),
             ("FP8 weight bytes [W; A]", f"{fp8_bytes:,} ({fp8_bytes / 2**20:.1f} MiB)"),
@@ -111,7 +109,12 @@ class FitSummary(Callback):
         from rich.table import Table
 
         console = Console()
-        table = Table(title="FALQON fit summary", show_header=False)
+        # The bar's last val/loss came from the last validation (limit_val_batches), before the final flush.
+        caption = (
+            f"val loss: first {self.eval_batches} validation batches; 'after' is measured after the final flush, so "
+            "it differs from the progress bar's last val/loss"
+        )
+        table = Table(title="FALQON fit summary", caption=caption, show_header=False)
         for name, value in self.summary_rows(trainer, pl_module, seconds):
             table.add_row(name, value)
         console.print(table)

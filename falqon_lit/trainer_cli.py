@@ -82,6 +82,7 @@ class FalqonCLI(LightningCLI):
 
     def _preflight(self) -> None:
         # Before the Trainer runs: its setup writes config.yaml and the loggers' folders.
+        pick_threads()
         if self._ckpt_record is not None:
             check_record(*self._ckpt_record, self.model.model_record())
         if self.model.model is None:
@@ -178,7 +179,6 @@ def run(argv: list[str] | None = None) -> int:
         The exit status: 0, or 2 for a bad config, checkpoint or data.
     """
     _quiet_lightning()
-    pick_threads()
     try:
         FalqonCLI(
             FalqonLitModule,

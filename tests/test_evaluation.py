@@ -407,7 +407,7 @@ def test_eval_cli_missing_model_folder_exits_2(tmp_path: Path, capsys: pytest.Ca
 
 def test_eval_cli_missing_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--ckpt", str(tmp_path / "last.ckpt")]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    assert "last.ckpt' does not exist" in capsys.readouterr().err
 
 
 def test_eval_cli_checkpoint_of_falqon_module(tmp_path: Path) -> None:
