@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from falqon_lit.convert import swap_module
+
 LinearFilter = Callable[[nn.Module, str], bool]
 
 
@@ -62,9 +64,7 @@ def _swap_linears(model: nn.Module, keep: LinearFilter, make: Callable[[nn.Linea
     """
     fqns = [fqn for fqn, module in model.named_modules() if keep(module, fqn)]
     for fqn in fqns:
-        parent_fqn, _, name = fqn.rpartition(".")
-        parent = model.get_submodule(parent_fqn)
-        setattr(parent, name, make(getattr(parent, name)))
+        swap_module(model, fqn, make(model.get_submodule(fqn)))
 
 
 def _to_float8_training(model: nn.Module, targets: list[str]) -> None:

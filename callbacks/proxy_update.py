@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from falqon_lit.layer import falqon_layers
+from falqon_lit.layer import falqon_layers, flush_all
 from falqon_lit.proxy_updater import ProxyUpdater
 from falqon_lit.sharded import ShardedFalqonLinear
 
@@ -122,7 +122,7 @@ class RowwiseProxyUpdate(Callback):
         # Not on_fit_end: Lightning moves the model to the CPU before that hook (strategy teardown).
         if not self.flush_at_end:
             return
-        self.rows_flushed = sum(layer.flush() for layer in falqon_layers(pl_module).values())
+        self.rows_flushed = flush_all(pl_module)
         rank_zero_info(
             f"RowwiseProxyUpdate: {self.updates} updates merged {self.rows_merged} rows; "
             f"final flush merged {self.rows_flushed} rows"

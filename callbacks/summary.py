@@ -11,8 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from falqon_lit.layer import falqon_layers
-
-IGNORE_INDEX = -100
+from falqon_lit.prompts import IGNORE_INDEX
 
 
 class FitSummary(Callback):

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from falqon_lit.exit_codes import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
+
 from .errors import ExportError
 from .loading import load_for_export
 from .onnx_graph import ONNX_OPSET
 from .pipeline import TARGETS, ExportOptions, export_model
 from .verify import DEFAULT_PROMPTS, print_report
-
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ExportError as err:
         print(f"falqon-export: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE
     if report.results:
         print_report(report.results, console)
     if args.json:
         print(json.dumps([r.as_dict() for r in report.results], indent=2))
-    return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

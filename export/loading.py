@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from falqon_lit.config import FalqonConfig, InitMethod
+from falqon_lit.config import FalqonConfig, InitMethod, plain_dict
 from falqon_lit.convert import convert_model
 from falqon_lit.layer import falqon_layers
 
@@ -44,13 +44,6 @@ class ExportSource:
     """Where it came from, for messages."""
 
 
-def config_to_dict(config: FalqonConfig | None) -> dict[str, Any] | None:
-    """JSON-safe dict of a ``FalqonConfig`` (enums as their string values)."""
-    if config is None:
-        return None
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
-
-
 def require_falqon(model: nn.Module, origin: str) -> None:
     """Raise unless ``model`` holds at least one ``FalqonLinear``."""
     if not falqon_layers(model):
@@ -60,14 +53,6 @@ def require_falqon(model: nn.Module, origin: str) -> None:
         )
 
 
-@torch.no_grad()
-def flush_model(model: nn.Module) -> int:
-    """Merge every pending row of ``B`` into the FP8 weights (paper §3.3), so ``W`` alone is the trained model.
-
-    Returns:
-        Rows merged over all layers (0 when every ``B`` was already zero).
-    """
-    return sum(layer.flush() for layer in falqon_layers(model).values())
 
 
 # ------------------------------------------------------------------------------------------------ saved folders
@@ -95,7 +80,7 @@ def save_falqon_model(
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {
             "format": "falqon-model/1",
-            "falqon_config": config_to_dict(config),
+            "falqon_config": plain_dict(config) if config is not None else None,
             "converted": list(layers),
             "dtype": str(hp_dtype).removeprefix("torch."),
         }

@@ -18,20 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from falqon_lit.config import FalqonConfig
-from falqon_lit.layer import falqon_layers
+from falqon_lit.backbone import DTYPES
+from falqon_lit.config import FalqonConfig, plain_dict
+from falqon_lit.layer import falqon_layers, flush_all
 
 from .errors import ExportError
 from .hf import write_hf
-from .loading import config_to_dict, flush_model, require_falqon
+from .loading import require_falqon
 from .manifest import atomic_directory, write_manifest
 from .onnx_graph import ONNX_OPSET, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
 from .standin import ActivationMode, Precision
 from .verify import DEFAULT_PROMPTS, Sample, VerifyResult, encode_prompts, reference_samples
 from .vllm import WeightStrategy, write_vllm
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,8 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.dtype not in _DTYPES:
-            problems.append(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.weight_strategy not in {s.value for s in WeightStrategy}:
             problems.append(
                 f"--weight-strategy must be one of {[s.value for s in WeightStrategy]}, got {self.weight_strategy!r}"
@@ -72,7 +71,7 @@ class ExportOptions:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
 Writer = Callable[[nn.Module, Any, Path, ExportOptions], dict[str, Any]]
@@ -196,7 +195,7 @@ def export_model(
     layers = falqon_layers(model)
     falqon_config = falqon_config or next(iter(layers.values())).config
 
-    rows = flush_model(model)
+    rows = flush_all(model)
     say(f"flushed {rows} pending B rows into the FP8 weights of {len(layers)} FALQON layers")
     samples = []
     if verify:
@@ -214,7 +213,7 @@ def export_model(
                 report.results = spec.verify(tmp, model, samples, options)
             extra = {
                 "falqon_lit_version": _version(),
-                "falqon_config": config_to_dict(falqon_config),
+                "falqon_config": plain_dict(falqon_config) if falqon_config is not None else None,
                 "export_options": dataclasses.asdict(options),
                 "rows_flushed": rows,
                 "verification": [r.as_dict() for r in report.results] if verify else None,

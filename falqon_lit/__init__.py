@@ -3,7 +3,7 @@
 from falqon_lit.config import Backend, BPolicy, FalqonConfig, GemmRole, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.convert import ConversionReport, convert_model, dense_state_dict
 from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
-from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer import FalqonLinear, falqon_layers, flush_all
 
 __all__ = [
     # config
@@ -23,4 +23,5 @@ __all__ = [
     "convert_model",
     "dense_state_dict",
     "falqon_layers",
+    "flush_all",
 ]

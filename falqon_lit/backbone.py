@@ -10,6 +10,7 @@ Three kinds of spec, as the ``model`` argument of :class:`~falqon_lit.module.Fal
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 EMBEDDED = "smollm2"
 """The name of the embedded default backbone."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Torch dtypes by the names the CLIs take (``--model.dtype``, ``falqon eval --dtype``, ``falqon-export --dtype``)."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,9 @@ def parse_dtype(name: str) -> torch.dtype:
     Raises:
         ValueError: an unknown name.
     """
-    if name not in _DTYPES:
-        raise ValueError(f"--model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _embedded_path() -> str:
@@ -72,7 +74,7 @@ def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None =
         FileNotFoundError: a path-like ``model`` or ``tokenizer`` that does not exist.
         ValueError: a config dict without a known ``model_type``.
     """
-    if tokenizer is not None and _looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
+    if tokenizer is not None and looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
         raise FileNotFoundError(f"--model.tokenizer folder {tokenizer!r} does not exist")
     if model is None or model == EMBEDDED:
         path = _embedded_path()
@@ -89,15 +91,24 @@ def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None =
         return BackboneSpec(config, None, tokenizer or _embedded_path())
     if not isinstance(model, str):
         raise TypeError(f"--model must be a path, a hub name, a config dict or None, got {type(model).__name__}")
-    if _looks_like_path(model) and not Path(model).expanduser().exists():
+    if looks_like_path(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"--model folder {model!r} does not exist; pass a Hugging Face model folder")
     name = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
     return BackboneSpec(_load_config(name), name, tokenizer or name)
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub names are "org/name"; anything absolute, relative-dotted, home-based or with more slashes is a path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+def looks_like_path(name: str, suffixes: Iterable[str] = ()) -> bool:
+    """Whether a ``--model`` or ``--data.source`` string names a local path rather than a hub name.
+
+    Hub names are ``org/name``; anything absolute, relative-dotted, home-based, with more slashes, existing, or
+    ending in one of ``suffixes`` (data file types) is a path.
+    """
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or Path(name).suffix in suffixes
+        or Path(name).expanduser().exists()
+    )
 
 
 def load_tokenizer(spec: BackboneSpec) -> Tokenizer:

