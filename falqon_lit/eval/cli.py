@@ -2,9 +2,9 @@
 
 Examples::
 
-    falqon-eval --model smollm2 --tasks arc_easy,boolq --limit 100
-    falqon-eval --model exports/vllm --tasks mmlu --limit 5 --json results.json
-    falqon-eval --ckpt lightning_logs/version_0/checkpoints/last.ckpt --tasks hellaswag --device cuda
+    falqon eval --model smollm2 --tasks arc_easy,boolq --limit 100
+    falqon eval --model exports/vllm --tasks mmlu --limit 5 --json results.json
+    falqon eval --ckpt lightning_logs/version_0/checkpoints/last.ckpt --tasks hellaswag --device cuda
 """
 
 from __future__ import annotations
