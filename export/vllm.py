@@ -5,10 +5,10 @@ vLLM (and transformers with compressed-tensors) load it with no conversion step.
 input activations are dynamic FP8, ``tensor`` or ``token`` as trained; ``lm_head`` and every layer that was not
 converted are on the ``ignore`` list and, like embeddings and norms, stay high precision. No weight is re-rounded.
 
-Scale strategy (docs/design.md §5). Row scales export as the ``channel`` strategy, ``weight_scale`` ``(out, 1)``.
-A tensor scale can export as ``tensor`` (``weight_scale`` ``(1,)``) only without loss when vLLM keeps the bytes:
-vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` and, for the ``tensor`` strategy, requantizes every shard
-to the largest shard scale (``requantize_with_max_scale`` in vLLM's ``w8a8_utils``/``fp8_utils``, called from
+Scale strategy (docs/design.md §5). Row scales export as the ``channel`` strategy, ``weight_scale`` ``(out, 1)``. A
+tensor scale can export as ``tensor`` (``weight_scale`` ``(1,)``) only without loss when vLLM keeps the bytes: vLLM
+fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` and, for the ``tensor`` strategy, requantizes every
+shard to the largest shard scale (``requantize_with_max_scale`` in vLLM's ``w8a8_utils``/``fp8_utils``, called from
 ``process_fp8_weight_tensor_strategy``), while the ``channel`` path keeps the bytes as loaded. So ``auto`` writes
 ``tensor`` only when every fused group's shard scales are identical, and otherwise the exact equivalent: the tensor
 scale repeated per output channel, ``channel`` strategy.
