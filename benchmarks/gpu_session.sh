@@ -11,7 +11,9 @@
 #   proxy    benchmarks/profile_proxy.py: the whole-model proxy update (7B shape), nearest and stochastic merges
 #   steps    benchmarks/profile_step.py: GPU time of one 7B-shape step by kernel family ($STEP_VARIANTS)
 #   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
-# Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
+# Logs and results go to $OUT (or ./gpu-out); each part prints a short table last. Result files carry the names of
+# benchmarks/results/ (peers with --compile: save train_step.json as train_step_compile.json): copy each over its
+# current file there and add a row for the replaced one to the History table of benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
@@ -61,7 +63,7 @@ fit() {
   stamp "falqon fit exit code $rc, wall $(( $(date +%s) - start )) s (124/134: timed out or aborted)"
   grep -A14 "fit summary" "$out/smollm2_fit.log" | head -16
   [ $rc -eq 0 ] || tail -40 "$out/smollm2_fit.log"
-  cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_metrics.csv" 2>/dev/null
+  cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_chat_metrics.csv" 2>/dev/null
 }
 
 serve() {
