@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from falqon_lit.config import FalqonConfig, InitMethod, ScaleGranularity
-from falqon_lit.fp8.numerics import E4M3, quantize, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
 
 _LOWRANK_OVERSAMPLE = 16
@@ -83,8 +83,8 @@ def refresh_generator(layer: FalqonLinear, refresh_index: int) -> torch.Generato
 def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
     """Replace the ``r`` rows of ``A`` in the melded FP8 weight, requantizing only those rows (both layouts).
 
-    Row scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (values beyond the FP8
-    range saturate). ``W``'s rows keep every byte.
+    Row scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows beyond its
+    FP8 range are scaled down to fit). ``W``'s rows keep every byte.
 
     Raises:
         TypeError: a layer whose rows are split across ranks.
@@ -102,7 +102,9 @@ def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
         data, scale = quantize_dynamic(a_hp, E4M3, ScaleGranularity.ROW)
         layer.weight_scale[n:] = scale
     else:
-        data = quantize(a_hp, layer.weight_scale, E4M3)
+        # The scale is W's too; new rows beyond its range are shrunk as a whole (clamping would bend directions).
+        limit = fp8_max(E4M3) * layer.weight_scale
+        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), layer.weight_scale, E4M3)
     layer.weight_fp8[n:] = data
     if layer.weight_t_fp8 is not None:
         layer.weight_t_fp8[:, n:] = data.t()
