@@ -16,6 +16,7 @@ from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 _RECORDS = _SCRIPT.with_name("quality_records.py")
+_RUNS = _SCRIPT.with_name("quality_runs.py")
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -33,6 +34,12 @@ def _load(name: str, path: Path) -> ModuleType:
 def quality() -> ModuleType:
     """``benchmarks/quality.py``: the study runner."""
     return _load("quality_study", _SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def study_runs() -> ModuleType:
+    """``benchmarks/quality_runs.py``: the run plans."""
+    return _load("quality_runs", _RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def _record(name: str, seed: int | None, heldout: float, acc: float | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
-def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleType) -> None:
+def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleType, study_runs: ModuleType) -> None:
     runs = quality.plan_runs([0, 1, 2], 16, None, True, None)
     order = ["before", "main", "ablation"]
     assert [r.group for r in runs] == sorted((r.group for r in runs), key=order.index)
@@ -80,7 +87,7 @@ def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleTyp
     assert seed0 == [r.name for r in main if r.seed == 2]
     ablations = [r for r in runs if r.group == "ablation"]
     assert [r.name.split(":")[1] for r in ablations] == ["k=1", "k=10", "k=all", "every=4", "every=16", "init=random"]
-    default = quality.falqon_name(FalqonConfig())  # the ablations vary the library default
+    default = study_runs.falqon_name(FalqonConfig())  # the ablations vary the library default
     assert default == "falqon-row-keep-sr"
     assert all(r.seed == 0 and not r.bench and r.name.startswith(f"{default}:") for r in ablations)
     assert ablations[-1].falqon.init.value == "random" and ablations[0].falqon.init.value == "svd"
