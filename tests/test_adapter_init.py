@@ -7,6 +7,7 @@ import math
 import pytest
 import reference
 import torch
+from fp8_devices import DEVICES, gemm_rtol
 from torch import nn
 
 from falqon_lit.adapter_init import (
@@ -29,9 +30,9 @@ def _fresh_seed() -> None:
     torch.manual_seed(torch.seed() % 2**31)  # fresh values every run
 
 
-def _layer(granularity: ScaleGranularity = ScaleGranularity.ROW, **kw) -> FalqonLinear:
+def _layer(granularity: ScaleGranularity = ScaleGranularity.ROW, device: str = "cpu", **kw) -> FalqonLinear:
     config = FalqonConfig(rank=16, weight_scaling=granularity, act_scaling=granularity, **kw)
-    return FalqonLinear.from_linear(nn.Linear(64, 96), config)
+    return FalqonLinear.from_linear(nn.Linear(64, 96, device=device), config)
 
 
 def _projector(rows: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,13 @@ def test_top_right_directions_span_the_float64_top_subspace_and_keep_the_rng_str
     assert torch.allclose(_projector(directions), _projector(v[:, :16].t()), atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_set_lora_A_requantizes_only_the_A_rows_in_both_layouts(granularity: ScaleGranularity) -> None:
+def test_set_lora_A_requantizes_only_the_A_rows_in_both_layouts(granularity: ScaleGranularity, device: str) -> None:
     _fresh_seed()
-    layer = _layer(granularity, transpose_cache=True)
+    layer = _layer(granularity, device, transpose_cache=True)
     w_bytes, w_scale = _bytes(layer.weight_fp8[:96]).clone(), layer.weight_scale_rows.clone()
-    new_A = 0.3 * torch.randn(16, 64)
+    new_A = 0.3 * torch.randn(16, 64, device=device)
     if granularity == ScaleGranularity.TENSOR:  # within W's range: exact requantization with W's scale
         new_A *= 400 * layer.weight_scale / new_A.abs().max()
     set_lora_A(layer, new_A)
@@ -102,8 +104,9 @@ def test_set_lora_A_requantizes_only_the_A_rows_in_both_layouts(granularity: Sca
     assert torch.equal(_bytes(layer.weight_t_fp8), _bytes(layer.weight_fp8.t().contiguous()))
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
-    x = torch.randn(4, 64)
-    assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(4, 64, device=device)
+    rtol = gemm_rtol(device)
+    assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=rtol, atol=rtol)
     with pytest.raises(ValueError, match="B == 0"):
         set_lora_A(layer, new_A)
 
@@ -151,15 +154,16 @@ def test_orthogonal_random_directions_are_orthonormal_and_reproducible() -> None
         orthogonal_random_directions(torch.randn(48, 64), 32, torch.Generator())
 
 
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: the flush runs the Triton merge kernel
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_refresh_A_merges_all_of_B_then_replaces_A(granularity: ScaleGranularity) -> None:
+def test_refresh_A_merges_all_of_B_then_replaces_A(granularity: ScaleGranularity, device: str) -> None:
     _fresh_seed()
-    layer = _layer(granularity, b_policy=BPolicy.KEEP, merge_rounding=Rounding.NEAREST)
+    layer = _layer(granularity, device, b_policy=BPolicy.KEEP, merge_rounding=Rounding.NEAREST)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.05)
-    rows = torch.arange(96)
+    rows = torch.arange(96, device=device)
     expected_bytes, expected_scale = reference.merge(layer, rows)
-    new_A = torch.randn(16, 64) / math.sqrt(3 * 64)
+    new_A = torch.randn(16, 64, device=device) / math.sqrt(3 * 64)
     assert refresh_A({"layer": layer}, {"layer": new_A}) == 96
     assert not layer.lora_B.any()
     # float32 sums in the layer, float64 in the reference: a value on a rounding boundary may land one step apart
