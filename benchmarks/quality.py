@@ -611,7 +611,9 @@ def plan_study(args: argparse.Namespace, settings: dict[str, Any]) -> list[Run]:
 def run_shards(argv: list[str], jobs: int, out: Path) -> None:
     """Run this script as ``jobs`` concurrent ``--shard I/N`` processes (logs: ``<out>/shard_I.log``) and wait."""
     script, children = str(Path(__file__).resolve()), []
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
+    # One host thread each (the step is Python dispatch); expandable segments: less fragmentation in a shared GPU.
+    env = {"OMP_NUM_THREADS": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
     for index in range(jobs):
         command = [sys.executable, script, *argv, "--jobs", "1", "--shard", f"{index}/{jobs}"]
         with (out / f"shard_{index}.log").open("w") as log_file:
