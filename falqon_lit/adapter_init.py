@@ -141,8 +141,11 @@ class WeightGradientCapture:
             x_2d = inputs[0].detach().reshape(-1, layer.in_features)  # (M, in)
 
             def add(grad: torch.Tensor) -> None:
-                g_2d = grad.detach().reshape(-1, layer.out_features).float()  # (M, out)
-                product = g_2d.t() @ x_2d.float()  # (out, in)
+                g_2d = grad.detach().reshape(-1, layer.out_features)  # (M, out)
+                # In the activations' dtype (bf16 under autocast: a tensor-core GEMM, float32 accumulation inside),
+                # summed over batches in float32; directions do not need more.
+                dtype = torch.promote_types(g_2d.dtype, x_2d.dtype)
+                product = (g_2d.to(dtype).t() @ x_2d.to(dtype)).float()  # (out, in)
                 if name in self.grads:
                     self.grads[name] += product
                 else:
