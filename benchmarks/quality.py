@@ -33,7 +33,7 @@ merge threshold) or ``long`` (issue 18: the paper's horizon and hyper-parameters
 held-out loss (mean ± sd over seeds) and its gap to bf16 LoRA.
 
 Usage:
-    QUALITY_JOBS=9 python benchmarks/quality.py --study controls --out DIR --time-budget 420   # issue 18, one GPU
+    QUALITY_JOBS=10 python benchmarks/quality.py --study controls --out DIR --time-budget 400  # issue 18, one GPU
     python benchmarks/quality.py --study long --lr 2e-4 --seeds 0 --jobs 4 --out DIR
     python benchmarks/quality.py --out DIR --time-budget 480      # again with the same DIR (JSONL) to continue
     python benchmarks/quality.py --out DIR --shard 0/4 & ... --shard 3/4 & wait   # 4 processes, one GPU
