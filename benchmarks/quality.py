@@ -325,13 +325,14 @@ def train(
     device: torch.device,
     proxy: Any | None = None,
     context: Callable[[], AbstractContextManager] = nullcontext,
+    after_step: Callable[[int], None] | None = None,
 ) -> list:
     """The loop every variant shares; returns the per-step training loss.
 
     ``proxy`` (a ``RowwiseProxyUpdate``) is driven through the Lightning hooks the Trainer calls, with a stand-in
     holding the public Trainer attributes a callback reads; the hooks run in the Trainer's order: fit start, train
     start (here: the gradient calibration of ``A``, on the first batches), before and after each optimizer step
-    (and LR step), fit end (the final flush).
+    (and LR step), fit end (the final flush). ``after_step(step)`` runs after each step's proxy update.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optim = OptimConfig(
@@ -366,6 +367,8 @@ def train(
         trainer.global_step = step
         if proxy is not None:
             proxy.on_train_batch_end(trainer, model, None, batch, step - 1)
+        if after_step is not None:
+            after_step(step)
         losses.append(loss.detach())
     if proxy is not None:
         proxy.on_train_end(trainer, model)
@@ -398,6 +401,20 @@ def evaluate_model(
             metrics["bench_acc"] = statistics.fmean(r.acc for r in results.values())
             metrics["bench_acc_norm"] = statistics.fmean(r.acc_norm for r in results.values())
     return metrics
+
+
+def track_heldout(
+    model: nn.Module, tokenizer: Any, data: StudyData, settings: dict[str, Any], curve: list, steps: int, step: int
+) -> None:
+    """Every ``eval_every`` steps before the last: append ``[step, held-out loss, seconds]`` to ``curve`` (the model
+    as it trains: FALQON's forward includes any unmerged ``B`` exactly, so nothing is flushed)."""
+    every = settings.get("eval_every") or 0
+    if not every or step % every or step >= steps:
+        return
+    start = time.perf_counter()
+    with torch.no_grad():
+        loss = evaluate_model(model, tokenizer, data, next(model.parameters()).device, False, settings)["heldout_loss"]
+    curve.append([step, loss, time.perf_counter() - start])
 
 
 def require_export_reader() -> None:
@@ -476,9 +493,12 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     losses, proxy = [], None
     if run.train:
         proxy = proxy_callback(run, model, len(batches)) if run.kind == "falqon" else None
+        curve: list[list[float]] = []
+        track = functools.partial(track_heldout, model, tokenizer, data, settings, curve, len(batches))
         train_start = time.perf_counter()
-        losses = train(model, batches, settings, device, proxy, step_context(run))
-        result["train_s"] = time.perf_counter() - train_start
+        losses = train(model, batches, settings, device, proxy, step_context(run), track)
+        result["train_s"] = time.perf_counter() - train_start - sum(seconds for _, _, seconds in curve)
+        result["heldout_curve"] = curve
         result["step_ms"] = 1e3 * result["train_s"] / len(batches)
     eval_start = time.perf_counter()
     result["metrics"] = evaluate_model(model, tokenizer, data, device, run.bench, settings)
@@ -530,6 +550,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad-clip", type=float, help="gradient-norm clipping (default 1.0 as the configs; long: 3.0)")
     p.add_argument("--rank", type=int, help="LoRA rank r of every variant (default 16; long: 64)")
+    p.add_argument(
+        "--eval-every", type=int, help="held-out loss every N steps during training (controls/long; long: steps/10)"
+    )
     p.add_argument("--limit", type=int, help=f"benchmark items per task (default {DEFAULTS['limit']})")
     p.add_argument("--chitchat-conversations", type=int, help=f"default {DEFAULTS['chitchat']}")
     p.add_argument("--gsm8k-problems", type=int, help="default all 1319")
@@ -593,6 +616,7 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
             k=LONG["k"] if long else "r",
             scheduler=LONG["scheduler"] if long else "cosine",
             calibration_batches=CALIBRATION_BATCHES,
+            eval_every=pick(args.eval_every, 0, steps // 10),
         )
     return settings
 

@@ -277,7 +277,9 @@ def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Pa
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.get("study") == summary["study"] and r["status"] == "ok" and r["loss_curve"]]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    tracked = [r for r in ok if r.get("heldout_curve")]
+    fig, axes = plt.subplots(1, 3 if tracked else 2, figsize=(21 if tracked else 14, 5))
+    axes[1].sharey(axes[0])
     ablations = [r for r in ok if r["group"] == "ablation"]
     base = ablations[0]["name"].split(":")[0] if ablations else None
     panels = ((axes[0], ("main", "control"), "mean over seeds"), (axes[1], ("ablation", "remedy"), "seeds as run"))
@@ -295,9 +297,25 @@ def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Pa
         if curves:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("loss (nats/token)")
+    if tracked:
+        _plot_heldout(axes[2], tracked)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_heldout(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Held-out loss during training (``--eval-every``) per variant, mean over seeds, ending at the final score."""
+    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    for r in records:
+        points = [(int(step), loss) for step, loss, _ in r["heldout_curve"]]
+        curves[r["name"]].append([*points, (len(r["loss_curve"]), r["metrics"]["heldout_loss"])])
+    for name, runs in curves.items():
+        steps = [step for step, _ in runs[0]]
+        mean = [statistics.fmean(run[i][1] for run in runs) for i in range(len(steps))]
+        ax.plot(steps, mean, marker="o", label=f"{name} (n={len(runs)})")
+    ax.set(title="held-out loss during training (mean over seeds)", xlabel="step", ylabel="held-out loss")
+    ax.legend(fontsize=7)
 
 
 def report(out: Path, study: str) -> dict[str, Any]:

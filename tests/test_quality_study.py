@@ -316,7 +316,7 @@ def test_long_study_uses_the_paper_hyper_parameters(quality: ModuleType, study_r
     settings = quality.study_settings(args)
     assert (settings["steps"], settings["rank"], settings["alpha"], settings["k"]) == (1000, 64, 16.0, "10")
     optim = (settings["scheduler"], settings["warmup"], settings["grad_clip"], settings["lr"])
-    assert optim == ("constant", 30, 3.0, 2e-4)
+    assert optim == ("constant", 30, 3.0, 2e-4) and settings["eval_every"] == 100
     assert quality.study_settings(quality._parser().parse_args(["--study", "long", "--lr", "2e-5"]))["lr"] == 2e-5
     runs = quality.plan_study(args, settings)
     names = ["bf16-lora", "qlora-nf4", "falqon-row-keep-sr", "falqon+init=gradient+refresh=250"]
@@ -354,7 +354,7 @@ def test_quality_smoke_controls_in_two_shard_processes(
 ) -> None:
     variants = "bf16-lora,falqon-nomerge,bf16-lora-fa-gradient,falqon+init=gradient+refresh=*"
     args = ["--smoke", "--study", "controls", "--out", str(tmp_path), "--seeds", "0", "--variants", variants]
-    assert quality.main([*args, "--jobs", "2", "--device", "cpu"]) == 0
+    assert quality.main([*args, "--jobs", "2", "--eval-every", "1", "--device", "cpu"]) == 0
     records = {r["key"]: r for r in study_records.read_records(tmp_path / "quality.jsonl")}
     assert {k: r["status"] for k, r in records.items()} == {
         k: "ok"
@@ -367,6 +367,9 @@ def test_quality_smoke_controls_in_two_shard_processes(
     lora, fa = records["bf16-lora@0"], records["bf16-lora-fa-gradient@0"]
     assert fa["trainable_params"] * 2 == lora["trainable_params"]  # B only
     assert len(fa["loss_curve"]) == len(lora["loss_curve"]) == 2
+    # held-out loss after step 1 (not after the last: the final evaluation scores that)
+    assert all([step for step, _, _ in r["heldout_curve"]] == [1] for r in records.values())
+    assert (tmp_path / "quality.png").stat().st_size > 0
     printed = capsys.readouterr().out.strip().splitlines()
     header, *rows = printed[-5:]  # the gap table comes last
     assert "gap vs bf16-lora" in header and {row.split()[0] for row in rows} == {k[:-2] for k in records}
