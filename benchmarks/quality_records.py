@@ -287,7 +287,8 @@ def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Pa
         curves: dict[str, list[list[float]]] = defaultdict(list)
         for r in ok:
             base_run = ablations and r["name"] == base and r["seed"] == ablations[0]["seed"]
-            if r["group"] in groups or ("ablation" in groups and base_run):
+            reference = "remedy" in groups and r["name"] == BF16_LORA and any(x["group"] == "remedy" for x in ok)
+            if r["group"] in groups or ("ablation" in groups and base_run) or reference:
                 curves[r["name"]].append(r["loss_curve"])
         for name, runs in curves.items():
             steps = min(len(c) for c in runs)
