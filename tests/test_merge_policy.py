@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import reference
 import torch
@@ -12,6 +14,7 @@ from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.fp8.numerics import E4M3
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.merge_policy import e4m3_step, steps_moved
+from falqon_lit.proxy_updater import ProxyUpdater
 
 
 def _e4m3_table() -> torch.Tensor:
@@ -96,3 +99,34 @@ def test_merge_threshold_config_is_validated() -> None:
         FalqonConfig(merge_threshold=-1.0)
     with pytest.raises(ValueError, match="lora_alpha must be > 0"):
         FalqonConfig(lora_alpha=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: the threshold runs inside the captured graph
+def test_merge_threshold_in_the_whole_model_update_equals_the_eager_loop(device: str) -> None:
+    eager = [_layer(ScaleGranularity.ROW, threshold=0.5, device=device) for _ in range(3)]
+    graphed = copy.deepcopy(eager)
+    updater = ProxyUpdater(graphed)
+    initial = [layer.weight_fp8.view(torch.uint8).clone() for layer in eager]
+    held_first, merged_last = [], []
+    for step in range(5):  # eager warm-up, capture + replay, then replays
+        for a, b in zip(eager, graphed, strict=True):
+            with torch.no_grad():
+                delta = torch.randn_like(a.lora_B) * 10.0 ** (step - 4)  # rows cross the threshold over the steps
+                a.lora_B.add_(delta)
+                b.lora_B.add_(delta)
+        before = [layer.weight_fp8.view(torch.uint8).clone() for layer in eager]
+        for layer in eager:
+            layer.proxy_update(8)
+        updater(8)
+        if step == 0:  # updates far below one FP8 step: every chosen row is held
+            held_first = [torch.equal(a.weight_fp8.view(torch.uint8), w) for a, w in zip(eager, initial, strict=True)]
+        if step == 4:  # updates far above: chosen rows merge
+            merged_last = [
+                not torch.equal(a.weight_fp8.view(torch.uint8), w) for a, w in zip(eager, before, strict=True)
+            ]
+        for a, b in zip(eager, graphed, strict=True):
+            assert torch.equal(a.lora_B, b.lora_B), step
+            assert torch.equal(a.weight_fp8.view(torch.uint8), b.weight_fp8.view(torch.uint8)), step
+            assert torch.equal(a.weight_scale, b.weight_scale), step
+    assert [int(layer.merge_calls) for layer in eager] == [5] * 3
+    assert held_first == [True] * 3 and merged_last == [True] * 3
