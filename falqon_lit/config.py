@@ -41,6 +41,10 @@ class InitMethod(str, enum.Enum):
     """Top-r right singular factor of the FP8 quantization error of ``W`` (the reference implementation)."""
     RANDOM = "random"
     """Kaiming-uniform, as PEFT initialises LoRA ``A``."""
+    GRADIENT = "gradient"
+    """Top-r right singular directions of the dense weight gradient of the first training batches (LoRA-GA /
+    LoRA-One for frozen-``A`` training), rows scaled to the kaiming-uniform row norm; random until the calibration
+    pass (``RowwiseProxyUpdate`` runs it when fit starts) replaces them."""
 
 
 class BPolicy(str, enum.Enum):
@@ -128,6 +132,13 @@ class FalqonConfig:
     0.3–0.7% faster step on the H100."""
     skip_unaligned: bool = True
     """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
+    lora_alpha: float | None = None
+    """LoRA alpha: the frozen ``A`` is multiplied by ``lora_alpha / rank`` (PEFT's output scale folded into ``A``,
+    so Adam's steps on ``B`` move ``W`` as PEFT's do at that alpha); ``None`` keeps scale 1 (alpha = rank)."""
+    merge_threshold: float = 0.0
+    """Merge policy: a row chosen by the proxy update is merged only when its update ``B[i]·A`` averages at least
+    this many FP8 steps (the E4M3 spacing at each of the row's weights); smaller rows stay in ``B`` (needs
+    ``b_policy: keep``). ``0`` merges every chosen row (default)."""
 
     def __post_init__(self) -> None:
         # Coerce strings (YAML, CLI) to enums once, here.
@@ -159,6 +170,14 @@ class FalqonConfig:
                 f"{' and '.join(row_scaled)} {'is' if len(row_scaled) == 1 else 'are'} 'row'; set them to 'tensor' "
                 f"or use backend 'torch'"
             )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")
+        if not self.merge_threshold >= 0:
+            problems.append(f"merge_threshold must be >= 0, got {self.merge_threshold!r}")
+        if self.merge_threshold > 0 and self.b_policy != BPolicy.KEEP:
+            problems.append(
+                f"merge_threshold > 0 keeps small rows in B, which needs b_policy 'keep', got {self.b_policy.value!r}"
+            )
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
@@ -186,4 +205,6 @@ class FalqonConfig:
             f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
             f"init={self.init.value}, B={self.b_policy.value}, merge={self.merge_rounding.value}, "
             f"backend={self.backend.value}{', transpose cache' if self.transpose_cache else ''}"
+            f"{'' if self.lora_alpha is None else f', alpha={self.lora_alpha:g}'}"
+            f"{f', merge >= {self.merge_threshold:g} steps' if self.merge_threshold else ''}"
         )

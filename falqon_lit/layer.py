@@ -24,6 +24,7 @@ from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
 from falqon_lit.functional import FalqonLinearFunction
+from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import merge_bits, merge_rows, select_rows
 
 # Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
@@ -34,16 +35,19 @@ def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> tor
     """Initial ``A`` ``(r, in)``: top-r right factor ``sqrt(S_r) V_rᵀ`` of the FP8 error ``W − deq(Q(W))``, or random.
 
     The SVD choice follows the reference implementation: ``A`` then spans the directions FP8 rounding lost most.
+    ``init: gradient`` starts random until its calibration pass (``falqon_lit.adapter_init``). Times
+    ``lora_alpha / rank`` when ``lora_alpha`` is set.
     """
     weight = weight_hp.detach().float()
-    if config.init == InitMethod.RANDOM:
+    alpha_scale = 1.0 if config.lora_alpha is None else config.lora_alpha / rank
+    if config.init != InitMethod.SVD:
         lora_A = torch.empty(rank, weight.shape[1], device=weight.device)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's LoRA A init
-        return lora_A
+        return alpha_scale * lora_A
     w_fp8, w_scale = quantize_dynamic(weight, E4M3, config.weight_scaling)
     error = weight - dequantize(w_fp8, w_scale)  # (out, in)
     _, s, vh = torch.linalg.svd(error, full_matrices=False)
-    return s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
+    return alpha_scale * s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
 
 
 class FalqonLinear(nn.Module):
@@ -212,24 +216,31 @@ class FalqonLinear(nn.Module):
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
         rows = select_rows(self.lora_B, k) if rows is None else rows
+        held = hold_small_rows(self, rows)  # merge policy: rows below merge_threshold stay in B (None: merge all)
         self._merge(rows, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
             self._mark_b_zero()
-        else:
+        elif held is None:
             self.lora_B.index_fill_(0, rows, 0.0)
+        else:
+            self.lora_B.index_copy_(0, rows, held)
         return rows
 
     @torch.no_grad()
-    def flush(self) -> int:
+    def flush(self, rounding: Rounding = Rounding.NEAREST) -> int:
         """Merge every non-zero row of ``B`` and zero ``B``, so the FP8 weight alone is the trained model.
+
+        Args:
+            rounding: of the merged rows; the final flush rounds to nearest (the closest FP8 values, no noise), a
+                flush mid-training (before an A refresh) rounds as the proxy update does.
 
         Returns:
             The number of rows merged (reads it on the host; call at the end of training, not per step).
         """
         rows = (self.lora_B != 0).any(dim=1).nonzero().squeeze(1)
         if rows.numel():
-            self._merge(rows, Rounding.NEAREST)  # the final weights: the closest FP8 values, no noise
+            self._merge(rows, rounding)
         self.lora_B.zero_()
         self._mark_b_zero()
         return int(rows.numel())
