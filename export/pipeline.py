@@ -21,10 +21,11 @@ from torch import nn
 from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import falqon_layers
 
+from .destination import atomic_directory, check_destination
 from .errors import ExportError
 from .hf import write_hf
 from .loading import config_to_dict, flush_model, require_falqon
-from .manifest import atomic_directory, write_manifest
+from .manifest import write_manifest
 from .onnx_graph import ONNX_OPSET, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
 from .standin import ActivationMode, Precision
@@ -139,7 +140,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """No gating check failed (skipped and informational checks do not fail an export)."""
+        return not any(r.failed for r in self.results)
 
 
 def _version() -> str:
@@ -185,9 +187,7 @@ def export_model(
     say = progress or (lambda _: None)
     spec = get_target(target)
     options = options or ExportOptions()
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"output folder '{out}' already exists; pass --force to replace it or choose another --out")
+    out = check_destination(out, force, say)
     require_falqon(model, type(model).__name__)
     if tokenizer is None:
         raise ExportError("no tokenizer given; the export copies the tokenizer next to the weights, so pass one")
@@ -206,7 +206,7 @@ def export_model(
 
     report = ExportReport(target, None, rows)
     try:
-        with atomic_directory(out, force=force) as tmp:
+        with atomic_directory(out, force=force, say=say) as tmp:
             say(f"writing {spec.name}: {spec.description}")
             facts = spec.write(model, tokenizer, tmp, options)
             if verify:
@@ -222,7 +222,7 @@ def export_model(
             }
             write_manifest(tmp, spec.name, facts.get("tensors", {}), extra)
             if not report.passed:
-                failed = ", ".join(r.backend for r in report.results if not r.passed)
+                failed = ", ".join(r.backend for r in report.results if r.failed)
                 say(f"verification failed ({failed}); nothing written to '{out}' (use --no-verify to write anyway)")
                 raise _VerificationFailed
     except _VerificationFailed:
