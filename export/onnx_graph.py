@@ -30,6 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from falqon_lit.experts import routed_experts
 from falqon_lit.layer import FalqonLinear
 
 from .errors import ExportError
@@ -127,6 +128,20 @@ def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear], 
     graph.node.extend(new_nodes + old_nodes)
 
 
+def require_dense(model: nn.Module) -> None:
+    """Refuse a mixture-of-experts model: its routing (``aten::histc``, data-dependent expert loops) does not trace.
+
+    Raises:
+        ExportError: the model has routed experts.
+    """
+    experts = routed_experts(model)
+    if experts:
+        raise ExportError(
+            f"--target onnx cannot export a mixture-of-experts model ({type(model).__name__}: {len(experts)} routed "
+            "expert blocks; torch.onnx cannot trace the routing); use --target vllm or --target hf"
+        )
+
+
 def write_onnx(
     model: nn.Module,
     tokenizer: Any,
@@ -143,6 +158,7 @@ def write_onnx(
     Raises:
         ExportError: an opset below 19, or a model the TorchScript exporter cannot trace.
     """
+    require_dense(model)
     activations, precision = ActivationMode(activations), Precision(precision)
     if opset < ONNX_OPSET:
         raise ExportError(

@@ -26,7 +26,7 @@ from .errors import ExportError
 from .hf import write_hf
 from .loading import config_to_dict, flush_model, require_falqon
 from .manifest import write_manifest
-from .onnx_graph import ONNX_OPSET, write_onnx
+from .onnx_graph import ONNX_OPSET, require_dense, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
 from .standin import ActivationMode, Precision
 from .verify import DEFAULT_PROMPTS, Sample, VerifyResult, encode_prompts, reference_samples
@@ -90,6 +90,8 @@ class ExportTarget:
     verify: Verifier
     reference: Callable[[ExportOptions], Precision] = lambda options: Precision.FLOAT32
     """Arithmetic of the reference the artefact is verified against (float64 for a float64 ONNX graph)."""
+    check: Callable[[nn.Module], None] = lambda model: None
+    """Raises ``ExportError`` for a model the target cannot express, before any work."""
 
 
 TARGETS: dict[str, ExportTarget] = {
@@ -109,6 +111,7 @@ TARGETS: dict[str, ExportTarget] = {
             ),
             lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
             lambda o: Precision(o.onnx_precision),
+            require_dense,
         ),
         ExportTarget(
             "hf",
@@ -189,6 +192,7 @@ def export_model(
     options = options or ExportOptions()
     out = check_destination(out, force, say)
     require_falqon(model, type(model).__name__)
+    spec.check(model)
     if tokenizer is None:
         raise ExportError("no tokenizer given; the export copies the tokenizer next to the weights, so pass one")
     if verify and (not prompts or new_tokens < 1):

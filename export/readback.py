@@ -23,7 +23,7 @@ from torch import nn
 
 from falqon_lit.layer import falqon_layers
 
-from .hf_folder import high_precision_state_dict
+from .hf_folder import checkpoint_name, high_precision_state_dict
 from .onnx_graph import ONNX_FILE
 from .standin import Precision
 from .verify import Candidate, Sample, Tolerance, VerifyResult, activation_noise, compare
@@ -89,7 +89,7 @@ def vllm_bytes_identical(folder: Path, model: nn.Module) -> tuple[int, int]:
     layers = falqon_layers(model)
     same = 0
     for name, layer in layers.items():
-        got = stored.get(f"{name}.weight")
+        got = stored.get(f"{checkpoint_name(model, name)}.weight")
         want = layer.weight_fp8[: layer.out_features].detach().cpu()
         same += (
             got is not None and got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
@@ -105,6 +105,10 @@ def transformers_candidate(folder: Path) -> Candidate:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # transformers keeps weights it merges on load (MoE experts) in the file's dtype, whatever ``dtype`` says
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor.data = tensor.data.float()
 
     @torch.no_grad()
     def run(input_ids: torch.Tensor) -> torch.Tensor:
@@ -244,7 +248,10 @@ def hf_weights_identical(folder: Path, model: nn.Module, dtype: torch.dtype) -> 
     stored = _stored_weights(folder)
     layers = falqon_layers(model)
     same = sum(
-        torch.equal(stored.get(f"{n}.weight", torch.empty(0)), m.dequantized_weight(torch.float32).cpu().to(dtype))
+        torch.equal(
+            stored.get(f"{checkpoint_name(model, n)}.weight", torch.empty(0)),
+            m.dequantized_weight(torch.float32).cpu().to(dtype),
+        )
         for n, m in layers.items()
     )
     return same, len(layers)
