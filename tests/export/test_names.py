@@ -57,7 +57,7 @@ def test_gpt_neox_head_is_embed_out(tmp_path, byte_tok):
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_moe_export_ignores_router_and_experts_and_verifies(model_type, tmp_path, byte_tok):
-    model, reference = _converted(model_type, tmp_path)
+    model, _ = _converted(model_type, tmp_path)
     report = export_model(model, byte_tok, "vllm", tmp_path / "vllm", new_tokens=4)
     assert report.passed, [r.as_dict() for r in report.results]
     ignore = json.loads((tmp_path / "vllm" / "config.json").read_text())["quantization_config"]["ignore"]
@@ -78,6 +78,6 @@ def test_moe_conversion_says_experts_stay_high_precision(model_type):
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_moe_onnx_target_refused_before_any_work(model_type, tmp_path, byte_tok):
     model, _ = _converted(model_type, tmp_path)
-    with pytest.raises(ExportError, match="^--target onnx cannot export a mixture-of-experts model"):
+    with pytest.raises(ExportError, match=r"^--target onnx cannot export a mixture-of-experts model"):
         export_model(model, byte_tok, "onnx", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()

@@ -11,7 +11,6 @@ from rich.console import Console
 
 from falqon_lit.export import Tolerance, VerifyResult, print_report
 
-
 NOT_INSTALLED = "vLLM is not installed (pip install 'falqon-lit[vllm]' on a CUDA host)"
 
 
