@@ -150,25 +150,47 @@ def _finite(value: float) -> float | None:
 
 
 class _Float32View:
-    """Run the model with its non-FP8 floating tensors upcast to float32; restored exactly on exit."""
+    """Run the model with its non-FP8 floating tensors in float32, optionally first rounded to ``round_to`` (the
+    export dtype, so the model computes what its export holds); the original tensors are put back on exit."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, round_to: torch.dtype | None = None) -> None:
         self.model = model
-        self.dtypes: dict[int, torch.dtype] = {}
+        self.round_to = round_to
+        self.originals: dict[int, torch.Tensor] = {}
 
     def __enter__(self) -> nn.Module:
         fp8_owned = {id(t) for layer in falqon_layers(self.model).values() for t in layer.buffers()}
-        self.tensors = [t for t in [*self.model.parameters(), *self.model.buffers()] if id(t) not in fp8_owned]
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        self.tensors = [t for _, t in named if id(t) not in fp8_owned]
+        # Only what is written is rounded: non-persistent buffers (rotary inv_freq) are recomputed by the loader.
+        persistent = self.model.state_dict().keys()
+        written = {id(t) for n, t in named if n in persistent}
         for tensor in self.tensors:
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                self.dtypes[id(tensor)] = tensor.dtype
-                tensor.data = tensor.data.float()
+            if tensor.is_floating_point():
+                exported = self.round_to is not None and id(tensor) in written
+                rounded = tensor.data.to(self.round_to) if exported else tensor.data
+                if rounded.dtype != torch.float32 or tensor.dtype != torch.float32:
+                    self.originals[id(tensor)] = tensor.data
+                    tensor.data = rounded.float()
         return self.model
 
     def __exit__(self, *exc: object) -> None:
         for tensor in self.tensors:
-            if id(tensor) in self.dtypes:
-                tensor.data = tensor.data.to(self.dtypes[id(tensor)])
+            if id(tensor) in self.originals:
+                tensor.data = self.originals[id(tensor)]
+
+
+@torch.no_grad()
+def as_exported(model: nn.Module, samples: Sequence[Sample], dtype: torch.dtype) -> list[Sample]:
+    """The reference sequences scored by the model as exported: high-precision tensors rounded to ``dtype``, then
+    the trainer's FP8 forward in float32 (one teacher-forced forward per prompt)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with _Float32View(model, round_to=dtype):
+        logits = [model(input_ids=s.input_ids.to(device), use_cache=False).logits[0].float().cpu() for s in samples]
+    model.train(was_training)
+    return [Sample(s.input_ids, s.prompt_len, got) for s, got in zip(samples, logits, strict=True)]
 
 
 def encode_prompts(tokenizer: object, prompts: Sequence[str]) -> list[torch.Tensor]:
