@@ -66,6 +66,9 @@ def _trace(model: nn.Module, path: Path, opset: int) -> None:
                 str(path),
                 dynamo=False,
                 opset_version=opset,
+                # Folding would store Cast(table)ᵀ of the output head as a second, float32 initializer; onnxruntime
+                # folds constants itself when it loads the graph.
+                do_constant_folding=False,
                 input_names=["input_ids", "attention_mask"],
                 output_names=["logits"],
                 dynamic_axes=dynamic_axes,
@@ -150,10 +153,13 @@ def write_onnx(
     activations: ActivationMode | str = ActivationMode.FP8,
     precision: Precision | str = Precision.FLOAT32,
     opset: int = ONNX_OPSET,
+    table_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ ``model.onnx.data`` past 1 GiB), tokenizer and generation config into ``folder``.
 
-    The model must already be flushed. Returns manifest facts (FP8 initializers, opset, activation mode, precision).
+    The model must already be flushed. The input embedding and output head are stored once, in ``table_dtype``
+    (``--dtype``), and cast at run time (see ``embedding_standin``). Returns manifest facts (FP8 initializers,
+    opset, activation mode, precision).
 
     Raises:
         ExportError: an opset below 19, or a model the TorchScript exporter cannot trace.
@@ -166,7 +172,7 @@ def write_onnx(
         )
     traced_dir = folder / "_traced"
     traced_dir.mkdir()
-    with dequantized_view(model, activations, precision) as layers:
+    with dequantized_view(model, activations, precision, table_dtype) as layers:
         _trace(model, traced_dir / ONNX_FILE, opset)
     graph_model = onnx.load(str(traced_dir / ONNX_FILE))
     shutil.rmtree(traced_dir)
@@ -193,6 +199,7 @@ def write_onnx(
             "opset": opset,
             "activations": activations.value,
             "precision": precision.value,
+            "embedding_dtype": str(table_dtype).removeprefix("torch."),
             "inputs": ["input_ids", "attention_mask"],
             "outputs": ["logits"],
             "fp8_layers": len(layers),

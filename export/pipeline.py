@@ -92,6 +92,8 @@ class ExportTarget:
     """Arithmetic of the reference the artefact is verified against (float64 for a float64 ONNX graph)."""
     check: Callable[[nn.Module], None] = lambda model: None
     """Raises ``ExportError`` for a model the target cannot express, before any work."""
+    reference_tables: Callable[[ExportOptions], torch.dtype | None] = lambda options: None
+    """dtype the artefact stores the input embedding and output head in, when the reference must round them too."""
 
 
 TARGETS: dict[str, ExportTarget] = {
@@ -107,11 +109,18 @@ TARGETS: dict[str, ExportTarget] = {
             "onnx",
             "ONNX graph with FLOAT8E4M3FN weights -> DequantizeLinear -> MatMul (onnxruntime CPU)",
             lambda m, tok, d, o: write_onnx(
-                m, tok, d, activations=o.onnx_activations, precision=o.onnx_precision, opset=o.opset
+                m,
+                tok,
+                d,
+                activations=o.onnx_activations,
+                precision=o.onnx_precision,
+                opset=o.opset,
+                table_dtype=o.torch_dtype,
             ),
             lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
             lambda o: Precision(o.onnx_precision),
             require_dense,
+            lambda o: o.torch_dtype,
         ),
         ExportTarget(
             "hf",
@@ -206,7 +215,8 @@ def export_model(
     if verify:
         precision = spec.reference(options)
         say(f"reference: trainer FP8 forward ({precision.value}), {len(prompts)} prompts x {new_tokens} greedy tokens")
-        samples = reference_samples(model, encode_prompts(tokenizer, prompts), new_tokens, precision)
+        ids = encode_prompts(tokenizer, prompts)
+        samples = reference_samples(model, ids, new_tokens, precision, spec.reference_tables(options))
 
     report = ExportReport(target, None, rows)
     try:

@@ -14,6 +14,7 @@ report takes the worst (max) and the average (mean) over prompts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 
 from falqon_lit.layer import falqon_layers
 
+from .embedding_standin import stored_embeddings
 from .standin import ActivationMode, Precision, dequantized_view
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -217,23 +219,27 @@ def reference_samples(
     prompt_ids: Sequence[torch.Tensor],
     new_tokens: int = 8,
     precision: Precision | str = Precision.FLOAT32,
+    table_dtype: torch.dtype | None = None,
 ) -> list[Sample]:
     """Greedy-decode each prompt with the trainer's FP8 forward and keep the logits.
 
     ``float32``: the ``FalqonLinear`` forward with the rest upcast to float32; each sequence is also scored with
     float32 activations on the same FP8 weights, to measure the activation-rounding noise (:func:`activation_noise`).
+    ``table_dtype``: the input embedding and output head rounded to it, as an ONNX graph stores them.
     ``float64``: the same FP8 weights and activation rounding with float64 arithmetic everywhere else.
     """
     was_training = model.training
     model.eval()
     if Precision(precision) == Precision.FLOAT64:
-        with dequantized_view(model, ActivationMode.FP8, Precision.FLOAT64):
+        with dequantized_view(model, ActivationMode.FP8, Precision.FLOAT64, table_dtype):
             samples = _greedy(model, prompt_ids, new_tokens)
     else:
-        with _Float32View(model):
+        with _Float32View(model), contextlib.ExitStack() as tables:
+            if table_dtype is not None:
+                tables.enter_context(stored_embeddings(model, table_dtype, torch.float32))
             samples = _greedy(model, prompt_ids, new_tokens)
         device = next(model.parameters()).device
-        with dequantized_view(model, ActivationMode.FLOAT):
+        with dequantized_view(model, ActivationMode.FLOAT, table_dtype=table_dtype):
             for sample in samples:
                 float_act = model(input_ids=sample.input_ids.to(device), use_cache=False).logits[0]
                 sample.logits_float_act = float_act.cpu()
