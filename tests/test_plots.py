@@ -144,3 +144,15 @@ def test_plots_main_missing_folder_exits_2(tmp_path: Path, capsys: pytest.Captur
         capsys.readouterr().err
         == f"error: log folder '{tmp_path / 'nope'}' does not exist; pass a Lightning log folder (version_N)\n"
     )
+
+
+def test_readme_plot_and_export_commands_write_to_ignored_folders() -> None:
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    outs = re.findall(r"falqon plot \S+ --out (\S+)", readme) + re.findall(r"falqon-export .*--out (\S+)", readme)
+    assert len(outs) >= 4, outs
+    for out in outs:  # git check-ignore exits 0 for an ignored path: a README command never overwrites tracked files
+        assert subprocess.run(["git", "check-ignore", "-q", out], cwd=root).returncode == 0, out
