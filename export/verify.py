@@ -293,15 +293,15 @@ def _cells(r: VerifyResult) -> dict[str, str]:
 
     weights = "-" if r.bytes_identical is None else f"{r.bytes_identical[0]}/{r.bytes_identical[1]} layers"
     agreement = "-" if math.isnan(r.token_agreement) else f"{r.token_agreement:.1%}"
-    bound = "" if math.isinf(r.tolerance.max_rel_err) else f"≤ {r.tolerance.max_rel_err:.3g}, "
-    style = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "info": "[yellow]outside (info only)[/]"}
+    bound = {0.0: "bit for bit, ", math.inf: ""}.get(r.tolerance.max_rel_err, f"≤ {r.tolerance.max_rel_err:.3g}, ")
+    style = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "info": "[yellow]outside[/]"}
     return {
         "max rel err": number(r.max_rel_err),
         "mean rel err": number(r.mean_rel_err),
         "greedy agreement": f"{agreement} ({r.prompts_identical}/{r.prompts} prompts identical)",
         "weights bitwise": weights,
         "tolerance": f"{bound}≥ {r.tolerance.min_token_agreement:.1%} agreement",
-        "result": style[r.status] + (" (not gating)" if r.informational else ""),
+        "result": style[r.status] + (" (info only)" if r.informational else ""),
     }
 
 
