@@ -62,6 +62,12 @@ class FitSummary(Callback):
             pl_module.train(was_training)
         return total / max(tokens, 1)
 
+    @staticmethod
+    def _log_loss(trainer: Trainer, loss: float) -> None:
+        # At the optimizer steps done, so the training curves show where the fit started (falqon_lit.plots).
+        for logger in trainer.loggers:
+            logger.log_metrics({"summary/val_loss": loss}, step=trainer.global_step)
+
     def _samples(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         if not self.num_samples:
             return []
@@ -72,6 +78,7 @@ class FitSummary(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.loss_before = self.evaluate(trainer, pl_module)
+        self._log_loss(trainer, self.loss_before)
         self.samples_before = self._samples(trainer, pl_module)
         self._start_step = trainer.global_step
         self._start = time.perf_counter()
@@ -82,6 +89,7 @@ class FitSummary(Callback):
         # generation would run there (minutes for SmolLM2 on a GPU host). Place after RowwiseProxyUpdate.
         seconds = time.perf_counter() - self._start
         self.loss_after = self.evaluate(trainer, pl_module)
+        self._log_loss(trainer, self.loss_after)
         self.samples_after = self._samples(trainer, pl_module)
         self._print(trainer, pl_module, seconds)
 

@@ -22,11 +22,12 @@ from falqon_lit.backbone import DTYPES
 from falqon_lit.config import FalqonConfig, plain_dict
 from falqon_lit.layer import falqon_layers, flush_all
 
+from .destination import atomic_directory, check_destination
 from .errors import ExportError
 from .hf import write_hf
 from .loading import require_falqon
-from .manifest import atomic_directory, write_manifest
-from .onnx_graph import ONNX_OPSET, write_onnx
+from .manifest import write_manifest
+from .onnx_graph import ONNX_OPSET, require_dense, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
 from .standin import ActivationMode, Precision
 from .verify import DEFAULT_PROMPTS, Sample, VerifyResult, encode_prompts, reference_samples
@@ -88,6 +89,10 @@ class ExportTarget:
     verify: Verifier
     reference: Callable[[ExportOptions], Precision] = lambda options: Precision.FLOAT32
     """Arithmetic of the reference the artefact is verified against (float64 for a float64 ONNX graph)."""
+    check: Callable[[nn.Module], None] = lambda model: None
+    """Raises ``ExportError`` for a model the target cannot express, before any work."""
+    reference_tables: Callable[[ExportOptions], torch.dtype | None] = lambda options: None
+    """dtype the artefact stores the input embedding and output head in, when the reference must round them too."""
 
 
 TARGETS: dict[str, ExportTarget] = {
@@ -103,10 +108,18 @@ TARGETS: dict[str, ExportTarget] = {
             "onnx",
             "ONNX graph with FLOAT8E4M3FN weights -> DequantizeLinear -> MatMul (onnxruntime CPU)",
             lambda m, tok, d, o: write_onnx(
-                m, tok, d, activations=o.onnx_activations, precision=o.onnx_precision, opset=o.opset
+                m,
+                tok,
+                d,
+                activations=o.onnx_activations,
+                precision=o.onnx_precision,
+                opset=o.opset,
+                table_dtype=o.torch_dtype,
             ),
             lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
             lambda o: Precision(o.onnx_precision),
+            require_dense,
+            lambda o: o.torch_dtype,
         ),
         ExportTarget(
             "hf",
@@ -138,7 +151,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """No gating check failed (skipped and informational checks do not fail an export)."""
+        return not any(r.failed for r in self.results)
 
 
 def _version() -> str:
@@ -184,10 +198,9 @@ def export_model(
     say = progress or (lambda _: None)
     spec = get_target(target)
     options = options or ExportOptions()
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"output folder '{out}' already exists; pass --force to replace it or choose another --out")
+    out = check_destination(out, force, say)
     require_falqon(model, type(model).__name__)
+    spec.check(model)
     if tokenizer is None:
         raise ExportError("no tokenizer given; the export copies the tokenizer next to the weights, so pass one")
     if verify and (not prompts or new_tokens < 1):
@@ -201,11 +214,12 @@ def export_model(
     if verify:
         precision = spec.reference(options)
         say(f"reference: trainer FP8 forward ({precision.value}), {len(prompts)} prompts x {new_tokens} greedy tokens")
-        samples = reference_samples(model, encode_prompts(tokenizer, prompts), new_tokens, precision)
+        ids = encode_prompts(tokenizer, prompts)
+        samples = reference_samples(model, ids, new_tokens, precision, spec.reference_tables(options))
 
     report = ExportReport(target, None, rows)
     try:
-        with atomic_directory(out, force=force) as tmp:
+        with atomic_directory(out, force=force, say=say) as tmp:
             say(f"writing {spec.name}: {spec.description}")
             facts = spec.write(model, tokenizer, tmp, options)
             if verify:
@@ -221,7 +235,7 @@ def export_model(
             }
             write_manifest(tmp, spec.name, facts.get("tensors", {}), extra)
             if not report.passed:
-                failed = ", ".join(r.backend for r in report.results if not r.passed)
+                failed = ", ".join(r.backend for r in report.results if r.failed)
                 say(f"verification failed ({failed}); nothing written to '{out}' (use --no-verify to write anyway)")
                 raise _VerificationFailed
     except _VerificationFailed:

@@ -21,6 +21,8 @@ from falqon_lit.config import ScaleGranularity
 from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
+from .embedding_standin import stored_embeddings
+
 
 class ActivationMode(str, enum.Enum):
     """What a stand-in does to a FALQON layer's input."""
@@ -139,12 +141,16 @@ def _float32_islands(model: nn.Module) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def dequantized_view(
-    model: nn.Module, activations: ActivationMode, precision: Precision = Precision.FLOAT32
+    model: nn.Module,
+    activations: ActivationMode,
+    precision: Precision = Precision.FLOAT32,
+    table_dtype: torch.dtype | None = None,
 ) -> Iterator[dict[str, FalqonLinear]]:
     """Swap FALQON layers for stand-ins and cast the rest to ``precision``; restore both afterwards (lossless).
 
     In float64, Llama-style RMSNorms and rotary embeddings are swapped too: Hugging Face computes them in float32
     regardless of the model dtype, which would leave float32 rounding for FP8 activation rounding to amplify.
+    With ``table_dtype``, the input embedding and output head keep one table in that dtype (the ONNX graph's).
     """
     layers = falqon_layers(model)
     dtype = Precision(precision).dtype
@@ -156,15 +162,18 @@ def dequantized_view(
         swaps.update(wide)
     dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     was_training = model.training
+    tables = contextlib.ExitStack()
     try:
         for name, module in swaps.items():
             model.set_submodule(name, module)
+        stored = tables.enter_context(stored_embeddings(model, table_dtype, dtype)) if table_dtype else set()
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point() and tensor.dtype != dtype:
+            if tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in stored:
                 tensor.data = tensor.data.to(dtype)
         model.eval()
         yield layers
     finally:
+        tables.close()
         for name, module in originals.items():
             model.set_submodule(name, module)
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -27,10 +27,13 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
+from falqon_lit.experts import routed_experts, routers
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
 from .hf_folder import (
+    checkpoint_name,
+    checkpoint_names,
     high_precision_state_dict,
     tensor_facts,
     write_config,
@@ -120,10 +123,7 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
                 f"vLLM fuses {mixed} into one layer, which needs one scheme for all shards; convert all of them "
                 "(or none) with FALQON"
             )
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    ignore = ["lm_head"] + [
-        n for n, m in model.named_modules() if type(m) is nn.Linear and m is not output_embeddings and n != "lm_head"
-    ]
+    ignore = _high_precision_modules(model)
 
     if w_scaling == ScaleGranularity.ROW:
         if weight_strategy == WeightStrategy.TENSOR:
@@ -159,6 +159,18 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
         )
         return VllmPlan("channel", _act_strategy(a_scaling), ignore, reason)
     return VllmPlan("tensor", _act_strategy(a_scaling), ignore, "fused shards share their tensor scales")
+
+
+def _high_precision_modules(model: nn.Module) -> list[str]:
+    """Checkpoint names of the layers that stay high precision: the output head, every plain linear, MoE routers
+    and routed experts (kept as 3-D parameters, written per expert; see ``falqon_lit.experts``)."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = next((n for n, m in model.named_modules() if m is output_embeddings), "lm_head")
+    names = [head] + [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not output_embeddings]
+    names = [checkpoint_name(model, n) for n in names + list(routers(model))]
+    experts = {n: p for e in routed_experts(model) for n, p in model.get_submodule(e).named_parameters(prefix=e)}
+    names += [n.removesuffix(".weight") for n in checkpoint_names(model, experts)]
+    return list(dict.fromkeys(names))
 
 
 def _act_strategy(scaling: ScaleGranularity) -> str:
@@ -227,7 +239,7 @@ def write_vllm(
     """
     plan = plan_vllm_export(model, weight_strategy)
     quantization_config = quantization_config_dict(plan)
-    tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+    tensors = checkpoint_names(model, {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)})
     write_config(model, folder, dtype, quantization_config)
     write_tokenizer_and_generation_config(model, tokenizer, folder)
     write_safetensors(tensors, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
+from falqon_lit.experts import experts_note
 from falqon_lit.fp8 import te_backend
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
@@ -132,6 +134,8 @@ def convert_model(
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params += sum(p.numel() for p in model.parameters())
     log.info(report.summary())
+    if note := experts_note(model):
+        warnings.warn(note, stacklevel=2)  # visible, unlike the info log: an MoE model is only partly FP8-trained
     return report
 
 

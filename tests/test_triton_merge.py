@@ -165,3 +165,25 @@ def test_merge_rows_fused_without_transposed_copy(granularity):
     _fused_merge(lean)
     assert torch.equal(lean.w_fp8.view(torch.uint8), cached.w_fp8.view(torch.uint8))
     assert torch.equal(lean.w_scale, cached.w_scale)
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+def test_merge_rows_fused_counts_saturation_at_the_fp8_max_as_eager():
+    """Rows whose update is zero (row 0) or far below an ulp (row 1) at a ±448 byte have ``amax / s`` within an ulp
+    of 448, so "saturated" hinges on the last bit of ``448·s`` and of the division: the fused merge must round both
+    as torch does (no FMA, IEEE division) for every tensor scale. The flake of tile_edges[64-4100-32-64-*-tensor]."""
+    torch.manual_seed(0)
+    out_f, in_f, rank = 32, 64, 16
+    for scale in (torch.rand(256) * 1e-2 + 1e-4).tolist():  # many mantissas of s
+        w_hp = (torch.randn(out_f + rank, in_f, device="cuda") * 100).clamp(-440, 440)
+        w_hp[0, 5], w_hp[1, 9] = 448.0, -448.0
+        w_fp8 = w_hp.to(E4M3)
+        lora_b = torch.randn(out_f, rank, device="cuda") * 1e-3
+        lora_b[0] = 0.0
+        lora_b[1] *= 1e-9
+        rows = torch.tensor([0, 1, 2], device="cuda")
+        layer = _Layer(w_fp8, w_fp8.t().contiguous(), torch.tensor([scale], device="cuda"), lora_b, rows, out_f)
+        eager = _eager_merge(layer, ScaleGranularity.TENSOR)
+        stats = _fused_merge(layer.clone())
+        assert int(stats[0]) == int(eager.saturated), f"tensor scale {scale!r}"

@@ -108,6 +108,12 @@ def _build_smollm2():
 
 
 @pytest.fixture
+def byte_tok() -> PreTrainedTokenizerFast:
+    """A fresh :func:`byte_tokenizer`."""
+    return byte_tokenizer()
+
+
+@pytest.fixture
 def tiny_factory():
     """``make_tiny`` itself, for tests that need a specific granularity or several models."""
     return make_tiny

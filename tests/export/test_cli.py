@@ -42,8 +42,10 @@ def test_cli_vllm_writes_exact_file_set(saved, tmp_path, capsys):
     folder, _ = saved
     out = tmp_path / "vllm"
     assert main(["--target", "vllm", "--ckpt", str(folder), "--out", str(out), "--json"]) == EXIT_OK
-    results = json.loads(capsys.readouterr().out)
+    results = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert results[0]["passed"] and results[0]["bytes_identical"] == [14, 14]
+    assert results[1]["gating"] is False  # the noise-bound comparison, reported as information
+    assert results[2]["backend"] == "vLLM" and results[2]["status"] == "skipped" and results[2]["passed"] is None
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "falqon_manifest.json",

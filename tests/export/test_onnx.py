@@ -114,3 +114,18 @@ def test_onnx_smollm2_float64_graph_gives_identical_greedy_tokens(smollm2_traine
     print(f"SmolLM2 onnx float64: {result.as_dict()}")
     assert report.passed and result.prompts_identical == result.prompts == 8
     assert result.max_rel_err <= 1e-6
+
+
+@pytest.mark.parametrize(("dtype", "onnx_type"), [("bfloat16", TensorProto.BFLOAT16), ("float32", TensorProto.FLOAT)])
+def test_onnx_stores_tied_embedding_once_in_export_dtype(tiny_factory, tmp_path, dtype, onnx_type):
+    model, tokenizer = tiny_factory("row", "row", bf16_exact=False)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    options = ExportOptions(dtype=dtype, onnx_precision="float64")
+    report = export_model(model, tokenizer, "onnx", tmp_path / "o", options=options, new_tokens=4)
+    # The float64 reference rounds the table as the graph stores it: still every greedy token identical.
+    assert report.passed and report.results[0].prompts_identical == report.results[0].prompts
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    vocab = model.config.vocab_size
+    tables = [(i.name, i.data_type) for i in graph.initializer if vocab in i.dims]
+    assert tables == [("model.model.embed_tokens.weight", onnx_type)]  # no float32 or transposed copy of the head
