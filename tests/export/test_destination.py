@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from falqon_lit.exit_codes import EXIT_USAGE
 from falqon_lit.export import ExportError, export_model, save_falqon_model
-from falqon_lit.export.cli import EXIT_BAD_INPUT, main
+from falqon_lit.export.cli import main
 from falqon_lit.export.manifest import sha256_file
 
 
@@ -31,7 +32,7 @@ def test_cli_unwritable_out_one_line_error_before_loading(tiny_factory, tmp_path
         raise AssertionError("the checkpoint was loaded before --out was checked")
 
     monkeypatch.setattr("falqon_lit.export.cli.load_for_export", no_load)
-    assert main(["--target", "vllm", "--ckpt", str(saved), "--out", out]) == EXIT_BAD_INPUT
+    assert main(["--target", "vllm", "--ckpt", str(saved), "--out", out]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("falqon-export: error: --out ") and "choose" in err[0], err
 
