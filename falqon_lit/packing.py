@@ -148,4 +148,3 @@ def collate_packed(
     for r in range(len(rows), num_rows):
         position_ids[r] = torch.arange(max_length)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
-

@@ -125,9 +125,7 @@ def test_packed_sampler_is_deterministic_complete_and_resumable() -> None:
 
     def loader() -> ResumableDataLoader:
         sampler = PackedBatchSampler(lengths, batch_size=4, max_length=48, seed=3, group_factor=4)
-        return ResumableDataLoader(
-            data, batch_sampler=sampler, collate_fn=lambda rows: collate_packed(rows, 0, 48, 4)
-        )
+        return ResumableDataLoader(data, batch_sampler=sampler, collate_fn=lambda rows: collate_packed(rows, 0, 48, 4))
 
     first, again = loader(), loader()
     assert first.batch_sampler.batches() == again.batch_sampler.batches()
