@@ -78,7 +78,7 @@ def run_modes(
         sampler = data._train_loader.batch_sampler
         steady_steps, tokens, seconds = throughput.steady()
         first = throughput.windows[0]
-        rates = throughput._rates(steady_steps, tokens, seconds, 1)
+        rates = throughput.rates(steady_steps, tokens, seconds, 1)
         results.append(
             {
                 "config": config,

@@ -51,8 +51,17 @@ def flops_per_token(model: nn.Module) -> int:
     return total
 
 
-def fp8_engagement(report: ConversionReport, model: nn.Module) -> str:
-    """One line: projections on FP8 GEMMs out of those targeted, the fallbacks with reasons, the lm_head's dtype."""
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def fp8_engagement(report: ConversionReport, model: nn.Module, compute_dtype: str | None = None) -> str:
+    """One line: projections on FP8 GEMMs out of those targeted, the fallbacks with reasons, the lm_head's dtype.
+
+    Args:
+        report: what ``convert_model`` converted and skipped (with reasons).
+        model: the converted model (for its output embedding).
+        compute_dtype: the dtype the lm_head computes in under mixed precision (``"bf16"``); default its weights'.
+    """
     targeted = len(report.converted) + len(report.skipped)
     line = f"{len(report.converted)}/{targeted} projections"
     if report.skipped:
@@ -61,7 +70,8 @@ def fp8_engagement(report: ConversionReport, model: nn.Module) -> str:
         line += f"; fell back to high precision: {fell_back} ({', '.join(sorted(report.skipped))})"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Linear):
-        line += f"; lm_head {str(head.weight.dtype).removeprefix('torch.')} by design"
+        weights = str(head.weight.dtype).removeprefix("torch.")
+        line += f"; lm_head {compute_dtype or _SHORT_DTYPES.get(weights, weights)} by design"
     return line
 
 
@@ -97,13 +107,15 @@ class Throughput(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        model = getattr(pl_module, "model", None) or pl_module
+        model = pl_module.model if getattr(pl_module, "model", None) is not None else pl_module
         self.flops_per_token = flops_per_token(model)
         device = pl_module.device
         self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.peaks = device_peaks(self.device_name) if device.type == "cuda" else None
         report = getattr(pl_module, "conversion", None)
-        self.fp8_line = fp8_engagement(report, model) if report is not None else "no FALQON conversion report"
+        precision = str(trainer.precision)
+        compute = "bf16" if precision.startswith("bf16") else "fp16" if precision.startswith("16") else None
+        self.fp8_line = fp8_engagement(report, model, compute) if report is not None else "no FALQON conversion report"
         if device.type == "cpu":
             self.fp8_line += " (CPU: FP8 bytes, dequantized float32 GEMMs)"
         self.windows = []
@@ -126,12 +138,13 @@ class Throughput(Callback):
         tokens = int(trainer.strategy.reduce(self._tokens.clone(), reduce_op="sum"))  # one sync per window
         seconds = time.perf_counter() - self._window_start
         self.windows.append((steps, tokens, seconds))
-        for name, value in self._rates(steps, tokens, seconds, trainer.world_size).items():
+        for name, value in self.rates(steps, tokens, seconds, trainer.world_size).items():
             pl_module.log(f"perf/{name}", value, prog_bar=name in ("tokens_per_s", "step_s", "mfu_fp8"))
         self._tokens.zero_()
         self._window_start, self._window_step = time.perf_counter(), trainer.global_step
 
-    def _rates(self, steps: int, tokens: int, seconds: float, world_size: int) -> dict[str, float]:
+    def rates(self, steps: int, tokens: int, seconds: float, world_size: int) -> dict[str, float]:
+        """``tokens_per_s``, ``step_s`` and, on a device with known peaks, ``mfu_bf16`` and ``mfu_fp8`` per GPU."""
         rates = {"tokens_per_s": tokens / seconds, "step_s": seconds / steps}
         if self.peaks is not None:
             per_gpu = tokens * self.flops_per_token / seconds / world_size / 1e12  # TFLOP/s
@@ -149,7 +162,7 @@ class Throughput(Callback):
         steps, tokens, seconds = self.steady()
         if not steps:
             return [*rows, ("throughput", "no full window of steps measured; lower log_every_n_steps")]
-        rates = self._rates(steps, tokens, seconds, world_size)
+        rates = self.rates(steps, tokens, seconds, world_size)
         span = f"{steps} steps" + (" after the first window" if len(self.windows) > 1 else "")
         rows += [
             ("tokens/s (non-padding)", f"{rates['tokens_per_s']:,.0f} ({span})"),

@@ -25,10 +25,11 @@ def test_fp8_engagement_names_fallbacks_and_reasons() -> None:
     assert line.startswith("8/14 projections; fell back to high precision: ")
     assert "4 dims (64, 120) not multiples of 16" in line and "2 dims (120, 64) not multiples of 16" in line
     assert "model.layers.1.mlp.down_proj" in line and "model.layers.0.self_attn.q_proj" not in line
-    assert line.endswith("; lm_head float32 by design")
+    assert line.endswith("; lm_head fp32 by design")
+    assert fp8_engagement(report, model, "bf16").endswith("; lm_head bf16 by design")  # under bf16-mixed
     aligned = tiny_llama()
     assert fp8_engagement(convert_model(aligned, FalqonConfig(rank=16, init="random")), aligned) == (
-        "14/14 projections; lm_head float32 by design"
+        "14/14 projections; lm_head fp32 by design"
     )
 
 
