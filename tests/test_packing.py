@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fp8_devices import DEVICES
 from tiny_models import TINY_VOCAB, tiny_llama
 
 from falqon_lit.batching import IGNORE_INDEX, ListDataset, ResumableDataLoader, collate
@@ -24,22 +25,23 @@ def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
     return out
 
 
-def _model(attention: str) -> torch.nn.Module:
+def _model(attention: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = tiny_llama().double().eval()
+    model = tiny_llama().double().eval().to(device)
     model.set_attn_implementation(attention)
     return model
 
 
 def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], packed: bool) -> torch.Tensor:
     """Per-position next-token losses ``(B, T-1)``, 0 where nothing is trained (the module's loss, unreduced)."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     if packed:
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return losses
+    return losses.cpu()
 
 
 def test_pack_rows_places_every_example_once_within_capacity() -> None:
@@ -64,9 +66,10 @@ def test_collate_packed_restarts_positions_and_masks_first_labels() -> None:
     assert batch["attention_mask"].sum(dim=1).tolist() == [9, 0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_packed_attention_never_crosses_a_conversation(attention: str) -> None:
-    model = _model(attention)
+def test_packed_attention_never_crosses_a_conversation(attention: str, device: str) -> None:
+    model = _model(attention, device)
     first, second = _examples([7, 9], seed=2)
     other_first = _examples([7], seed=3)[0]  # a different conversation in the first slot
     with torch.no_grad():

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from fp8_devices import requires_cuda_fp8
 from lightning.pytorch import Trainer
 from tiny_models import tiny_llama, tiny_llama_config
 from torch import nn
@@ -86,3 +88,20 @@ def test_fit_reports_tokens_fp8_engagement_and_writes_a_step_profile(tiny_traine
     text = profiler.path.read_text()
     assert profiler.path == tmp_path / "profile_step_1.txt" and text.startswith("step 1: CPU ")
     assert "GEMM (bf16/fp32)" in text and "top operators:" in text
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+def test_gpu_fit_packs_by_default_and_reports_mfu(tiny_trainer_parts, tmp_path: Path) -> None:
+    module, data = tiny_trainer_parts(data_kwargs={"packing": None})  # the default: packed on a GPU
+    throughput = Throughput(log_every_n_steps=2)
+    trainer = Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[throughput],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert data.packs_training() and "position_ids" in next(iter(data.train_dataloader()))
+    assert throughput.fp8_line == "14/14 projections; lm_head bf16 by design"
+    assert throughput.peaks == device_peaks(torch.cuda.get_device_name())
+    assert ("perf/mfu_fp8" in trainer.callback_metrics) == (throughput.peaks is not None)
