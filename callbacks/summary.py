@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from falqon_lit.callbacks.throughput import Throughput
 from falqon_lit.layer import falqon_layers
 from falqon_lit.prompts import IGNORE_INDEX
 
@@ -99,6 +100,7 @@ class FitSummary(Callback):
         fp8_bytes = sum(layer.weight_fp8.numel() for layer in layers)
         rows_merged = sum(int(layer.merge_rows) for layer in layers)
         steps = trainer.global_step - self._start_step
+        throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         return [
             ("optimizer steps", f"{steps} (global step {trainer.global_step})"),
             ("fit time", f"{seconds:.1f} s ({seconds / max(steps, 1):.2f} s/step)"),
@@ -107,6 +109,7 @@ class FitSummary(Callback):
             ("FALQON layers", str(len(layers))),
             ("FP8 weight bytes [W; A]", f"{fp8_bytes:,} ({fp8_bytes / 2**20:.1f} MiB)"),
             ("rows merged into FP8 W", f"{rows_merged:,}"),
+            *(throughput.summary_rows(trainer.world_size) if throughput is not None else []),
         ]
 
     @rank_zero_only

@@ -16,9 +16,10 @@ from typing import Any
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from falqon_lit.callbacks import StepProfiler, Throughput
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.exit_codes import EXIT_USAGE
 from falqon_lit.module import FalqonLitModule
@@ -28,7 +29,15 @@ _UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes
 
 
 class FalqonCLI(LightningCLI):
-    """LightningCLI with a Rich progress bar unless the config disables progress bars or brings its own."""
+    """LightningCLI with a Rich progress bar unless the config disables progress bars or brings its own, a
+    ``Throughput`` callback (tokens/s, step time, MFU, FP8 engagement) unless the config brings one, and
+    ``--profile N``: a kernel-family profile of step N (``StepProfiler``)."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--profile", type=int | None, default=None, help="write a kernel-family profile of this global step"
+        )
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -38,7 +47,12 @@ class FalqonCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            callbacks.append(RichProgressBar())
+        if not any(isinstance(c, Throughput) for c in callbacks):
+            callbacks.append(Throughput())
+        if config.get("profile") is not None:
+            callbacks.append(StepProfiler(config["profile"]))
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def _prepare_data(self) -> None:

@@ -123,17 +123,32 @@ class FalqonLitModule(LightningModule):
         return {} if self.model is None else falqon_layers(self.model)
 
     # ------------------------------------------------------------------------------------------------- steps
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, T, V)``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, V)``.
+
+        With ``position_ids`` (packed rows, ``falqon_lit.packing``) the model gets no 2-D mask: ``transformers``
+        then derives a block-diagonal causal mask from where the positions restart (its packed-sequence convention),
+        and ``attention_mask`` only marks real tokens for counting.
+        """
+        if position_ids is not None:
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def loss_and_predictions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over trained tokens, the argmax predictions and shifted labels.
 
+        The mean runs over every trained token of the batch, whatever the rows hold, so a packed batch has the loss
+        of the same conversations unpacked (tests/test_packing.py).
+
         Returns:
             ``(loss, preds (N,), targets (N,))`` with ``targets == -100`` where nothing is trained.
         """
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
         targets = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)

@@ -47,15 +47,24 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
-    assert cli.main(["fit", "--config", str(tiny_config)]) == 0
+def test_cli_fit_writes_logs_config_and_checkpoint(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(["fit", "--config", str(tiny_config), "--profile", "1", "--trainer.log_every_n_steps", "1"]) == 0
     version = tmp_path / "run" / "lightning_logs" / "version_0"
     written = set(_files(version))
-    assert {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"} <= written
-    assert all(
-        name.startswith("events.out.tfevents")
-        for name in written - {"config.yaml", "hparams.yaml", "quant_stats.png", "checkpoints/epoch=0-step=3.ckpt"}
-    )
+    expected = {
+        "config.yaml",
+        "hparams.yaml",
+        "quant_stats.png",
+        "checkpoints/epoch=0-step=3.ckpt",
+        "profile_step_1.txt",
+    }
+    assert expected <= written
+    assert all(name.startswith("events.out.tfevents") for name in written - expected)
+    # The default Throughput callback prints tokens/s and the FP8-engaged line (no FitSummary in this config).
+    printed = capsys.readouterr().out
+    assert "FP8 engaged" in printed and "14/14 projections" in printed and "tokens/s (non-padding)" in printed
     saved = yaml.safe_load((version / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3 and saved["model"]["model"]["hidden_size"] == 64
     module = FalqonLitModule.load_from_checkpoint(version / "checkpoints" / "epoch=0-step=3.ckpt")
