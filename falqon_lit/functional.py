@@ -63,6 +63,19 @@ def melded_grad_input(
         # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
         scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
         weight_t = Float8Tensor(weight_t.data[:, :out_features], scale)
+    return grad_gemm(grad_2d, tail, weight_t, act_scaling, backend, out_dtype)
+
+
+def grad_gemm(
+    grad_2d: torch.Tensor,
+    tail: torch.Tensor | None,
+    weight_t: Float8Tensor,
+    act_scaling: ScaleGranularity,
+    backend: Backend,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``Q_e5m2([grad_2d | tail]) · W'`` for the row-major transpose ``W'_t`` ``(in, N)`` whose ``N`` columns match
+    the gradient's; a row weight scale is folded into the gradient's columns (see ``melded_grad_input``)."""
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
