@@ -109,6 +109,8 @@ class ProjectionGroup:
         self.layout: GroupLayout = tuple((s, m.out_features, m.rank) for s, m in zip(starts, members, strict=True))
         self.calls = 0
         """Group GEMMs run (a test and benchmark counter)."""
+        self.alone = 0
+        """Projection calls that missed the group output and ran alone (a test and benchmark counter)."""
         self._pending: _PendingOutputs | None = None
         melded_hp = torch.cat([m.__dict__.pop("_melded_hp") for m in members], dim=0)  # (R, in)
         data, scale = quantize_dynamic(melded_hp, E4M3, self.config.weight_scaling)
@@ -166,6 +168,7 @@ class ProjectionGroup:
         if index == 0:
             self._pending = pending = _PendingOutputs(x, grad_enabled, self._run(x))
         elif pending is None or pending.x is not x or pending.grad_enabled != grad_enabled or index in pending.taken:
+            self.alone += 1
             return None
         pending.taken.add(index)
         if len(pending.taken) == len(self.members):
