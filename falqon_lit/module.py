@@ -27,6 +27,7 @@ from falqon_lit.backbone import (
 )
 from falqon_lit.config import FalqonConfig
 from falqon_lit.convert import ConversionReport, convert_model
+from falqon_lit.fused_block import apply_liger_block, fused_linear_cross_entropy, liger_missing
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
@@ -59,6 +60,9 @@ class FalqonLitModule(LightningModule):
         dtype: dtype the backbone's high-precision weights are loaded in (``float32``, ``bfloat16``, ``float16``).
         gradient_checkpointing: recompute decoder blocks in backward to save activation memory.
         compile: ``torch.compile`` each decoder block (the FP8 layers stay as they are); the first steps compile.
+        fused_block: run projections that share an input as one FP8 GEMM, and on CUDA with Liger Kernel its
+            rotary, RMSNorm, SwiGLU and a fused lm_head + cross-entropy (no full logits); ``False`` runs every
+            layer alone and the block eagerly (for comparison).
         init_seed: seed of the random initialisation of config-dict backbones (independent of the global seed).
         sample_max_new_tokens: completion length of ``predict`` and of the before/after samples.
     """
@@ -72,6 +76,7 @@ class FalqonLitModule(LightningModule):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        fused_block: bool = True,
         init_seed: int = 0,
         sample_max_new_tokens: int = 32,
     ) -> None:
@@ -93,6 +98,9 @@ class FalqonLitModule(LightningModule):
         self.context_length = context_length(self.backbone.config)
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_decoder = compile  # not `self.compile`: that is nn.Module.compile
+        self.fused_block = fused_block
+        self.fused_loss = False
+        """Whether the loss runs Liger's fused linear cross-entropy (decided in ``configure_model``)."""
         self.init_seed = init_seed
         self.sample_max_new_tokens = sample_max_new_tokens
         self.model: torch.nn.Module | None = None
@@ -112,7 +120,14 @@ class FalqonLitModule(LightningModule):
         model = load_model(self.backbone, self.torch_dtype, self.init_seed)
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.conversion = convert_model(model, self.falqon_config)
+        self.conversion = convert_model(model, self.falqon_config, group_projections=self.fused_block)
+        if self.fused_block:
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            missing = liger_missing(model, device)
+            if missing is None:
+                apply_liger_block(model)
+            self.fused_loss = missing is None
+            rank_zero_info(f"fused block: {'Liger Kernel' if missing is None else 'unfused (' + missing + ')'}")
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.compile_decoder:
@@ -140,6 +155,9 @@ class FalqonLitModule(LightningModule):
         Returns:
             ``(loss, preds (N,), targets (N,))`` with ``targets == -100`` where nothing is trained.
         """
+        if self.fused_loss:
+            ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+            return fused_linear_cross_entropy(self.model, ids, mask, labels, IGNORE_INDEX)
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
         targets = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)

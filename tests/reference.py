@@ -90,3 +90,12 @@ def group_grad_input(layers: list[FalqonLinear], grad_ys: list[torch.Tensor], re
         w_scale = layers[0].weight_scale.double()
     g_fp8, g_scale = quantize_dynamic(g, E5M2, layers[0].config.act_scaling)
     return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_ys[0].shape[:-1], -1)
+
+
+def linear_cross_entropy(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused ``lm_head`` + cross-entropy (float32 logits, as the trainer's logits path): (mean loss, argmax)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return loss, logits.argmax(dim=-1)

@@ -1,0 +1,82 @@
+"""The decoder block around the FP8 layers from Liger Kernel's Triton kernels, and a loss without full logits.
+
+On CUDA with ``liger-kernel`` installed (``pip install 'falqon-lit[gpu]'``), ``apply_liger_block`` gives the
+families in ``LIGER_FAMILIES`` Liger's rotary embedding, RMSNorm and SwiGLU (``silu(gate) * up``; the projections
+stay FALQON layers), and ``fused_linear_cross_entropy`` computes the next-token loss chunk by chunk from the last
+hidden states, so the ``tokens × vocab`` logits never materialize. Elsewhere nothing is patched and the loss comes
+from the logits: the same numbers, unfused. Liger patches rotary embeddings module-wide (``apply_rotary_pos_emb``
+of the family's ``modeling_*`` module), as its own API does; norms and MLPs are patched on this model's instances.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""``config.model_type`` values whose blocks Liger Kernel patches here."""
+
+LinearCrossEntropy = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor]
+]
+"""``(head weight (V, H), hidden (N, H), targets (N,), head bias, ignore_index) -> (mean loss, predictions (N,))``."""
+
+
+def liger_missing(model: nn.Module, device: torch.device) -> str | None:
+    """Why Liger's kernels cannot run for ``model`` on ``device`` (``None`` when they can)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if device.type != "cuda":
+        return f"Liger Kernel needs CUDA, the model runs on {device.type}"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'falqon-lit[gpu]')"
+    if model_type not in LIGER_FAMILIES:
+        return f"model type {model_type!r} is not one of {LIGER_FAMILIES}"
+    return None
+
+
+def apply_liger_block(model: nn.Module) -> None:
+    """Liger's rotary embedding, RMSNorm and SwiGLU for ``model`` (its loss stays ours: ``fused_linear_cross_entropy``).
+
+    Call only when ``liger_missing`` returned ``None``.
+    """
+    import liger_kernel.transformers as liger
+
+    apply = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
+    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+
+
+def liger_linear_cross_entropy(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liger's fused linear cross-entropy: mean loss over trained tokens and the argmax predictions, chunked."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, return_predicted_tokens=True)
+    out = loss_fn(weight, hidden, targets, bias)
+    return out.loss, out.predicted_tokens.clamp(min=0)  # -1 marks ignored tokens; their prediction is not scored
+
+
+def fused_linear_cross_entropy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    linear_ce: LinearCrossEntropy = liger_linear_cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token loss of a causal LM from its last hidden states and ``lm_head``, with no full logits.
+
+    Returns:
+        ``(loss, preds (N,), targets (N,))`` with ``N = B·(T-1)`` and ``targets == ignore_index`` where nothing is
+        trained, as the logits path returns them.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H): position t predicts token t+1
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    head = model.get_output_embeddings()
+    loss, preds = linear_ce(head.weight, hidden, targets, head.bias, ignore_index)
+    return loss, preds, targets
