@@ -37,6 +37,7 @@ class FalqonGroupFunction(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
+        x_fp8: Float8Tensor | None,
         weight_fp8: torch.Tensor,
         weight_scale: torch.Tensor,
         layout: GroupLayout,
@@ -46,7 +47,8 @@ class FalqonGroupFunction(torch.autograd.Function):
         *lora_Bs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
-        x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
+        if x_fp8 is None:  # else the op that produced x quantized it already (``fused_norm``)
+            x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
         out = fp8_gemm(x_fp8, Float8Tensor(weight_fp8, weight_scale), out_dtype=x_2d.dtype, backend=backend)  # (M, R)
         ys, o_as = [], []
         for (start, n_out, rank), lora_B, has_residual in zip(layout, lora_Bs, residual, strict=True):
@@ -73,7 +75,7 @@ class FalqonGroupFunction(torch.autograd.Function):
         for i, ((_, n_out, rank), o_a, lora_B, grad_y) in enumerate(terms):
             g = o_a.new_zeros(m, n_out, dtype=dtype) if grad_y is None else grad_y.reshape(m, n_out)  # (M, out)
             # grad_weight (Alg. 1): dL/dB_p = g_pᵀ · O_A_p, small and in high precision.
-            needs_b = ctx.needs_input_grad[7 + i]
+            needs_b = ctx.needs_input_grad[8 + i]
             grads_b.append((g.t() @ o_a.to(g.dtype)).to(lora_B.dtype) if needs_b else None)
             # A zero B contributes zero columns: the stacked GEMM keeps the A rows of every projection.
             tail = g @ lora_B.to(g.dtype) if ctx.residual[i] else g.new_zeros(m, rank)
@@ -86,4 +88,4 @@ class FalqonGroupFunction(torch.autograd.Function):
             weight_t = Float8Tensor(transposed(weight_fp8), weight_scale)
             grad_x = grad_gemm(grad_full, None, weight_t, ctx.act_scaling, ctx.backend, out_dtype=dtype)
             grad_x = grad_x.reshape(*shape, weight_fp8.shape[1])
-        return grad_x, None, None, None, None, None, None, *grads_b
+        return grad_x, None, None, None, None, None, None, None, *grads_b
