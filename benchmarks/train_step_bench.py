@@ -106,7 +106,7 @@ def build_step(args: argparse.Namespace) -> TrainStep:
 
     if is_falqon:
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
-        from falqon_lit.fused_block import apply_liger_block, fused_linear_cross_entropy, liger_missing
+        from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
         from falqon_lit.grouped import projection_groups
         from falqon_lit.proxy_updater import ProxyUpdater
 
@@ -117,9 +117,8 @@ def build_step(args: argparse.Namespace) -> TrainStep:
         config_repr = cfg.short_repr()
         convert_model(model, cfg, group_projections=fused)
         if fused:
-            missing = liger_missing(model, torch.device("cuda"))
-            if missing is None:
-                apply_liger_block(model)
+            fused_loss, description = apply_fused_block(model, torch.device("cuda"))
+            if fused_loss:
 
                 def loss_fn():
                     return fused_linear_cross_entropy(model, ids, None, ids, -100)[0]
@@ -127,7 +126,7 @@ def build_step(args: argparse.Namespace) -> TrainStep:
             groups = projection_groups(model)
 
             def fused_info() -> dict:  # every projection should take its slice of the group GEMM: alone == 0
-                return {"groups": len(groups), "liger": missing or "on", "alone": sum(g.alone for g in groups)}
+                return {"description": description, "alone": sum(g.alone for g in groups)}
 
         updater = ProxyUpdater(list(falqon_layers(model).values()), use_cuda_graph=not args.no_graph)
 

@@ -1,4 +1,5 @@
-"""The decoder block around the FP8 layers from Liger Kernel's Triton kernels, and a loss without full logits.
+"""The decoder block around the FP8 layers: Liger Kernel's Triton kernels, fused norm quantization, a loss without
+full logits.
 
 On CUDA with ``liger-kernel`` installed (``pip install 'falqon-lit[gpu]'``), ``apply_liger_block`` gives the
 families in ``LIGER_FAMILIES`` Liger's rotary embedding, RMSNorm and SwiGLU (``silu(gate) * up``; the projections
@@ -6,6 +7,8 @@ stay FALQON layers), and ``fused_linear_cross_entropy`` computes the next-token 
 hidden states, so the ``tokens × vocab`` logits never materialize. Elsewhere nothing is patched and the loss comes
 from the logits: the same numbers, unfused. Liger patches rotary embeddings module-wide (``apply_rotary_pos_emb``
 of the family's ``modeling_*`` module), as its own API does; norms and MLPs are patched on this model's instances.
+On CUDA with Triton the norms in front of per-token-scaled projection groups then write the groups' FP8 input
+(``fused_norm``), replacing Liger's RMSNorm there.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from falqon_lit.fp8 import triton_norm_quantize
+from falqon_lit.fused_norm import install_norm_quantization
 
 LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose blocks Liger Kernel patches here."""
@@ -46,6 +52,21 @@ def apply_liger_block(model: nn.Module) -> None:
 
     apply = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
     apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+
+
+def apply_fused_block(model: nn.Module, device: torch.device) -> tuple[bool, str]:
+    """Everything of the fused block that runs on ``device`` (after ``convert_model`` grouped the projections).
+
+    Returns:
+        ``(whether the loss should run Liger's fused linear cross-entropy, a one-line description)``.
+    """
+    missing = liger_missing(model, device)
+    if missing is None:
+        apply_liger_block(model)
+    probe = torch.empty(0, 1, device=device)
+    norms = install_norm_quantization(model) if triton_norm_quantize.available(probe) else 0
+    liger = "Liger Kernel rotary/RMSNorm/SwiGLU/loss" if missing is None else f"no Liger ({missing})"
+    return missing is None, f"fused block: grouped projections, {liger}, {norms} norms writing FP8 inputs"
 
 
 def liger_linear_cross_entropy(

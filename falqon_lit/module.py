@@ -27,7 +27,7 @@ from falqon_lit.backbone import (
 )
 from falqon_lit.config import FalqonConfig
 from falqon_lit.convert import ConversionReport, convert_model
-from falqon_lit.fused_block import apply_liger_block, fused_linear_cross_entropy, liger_missing
+from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
@@ -123,11 +123,8 @@ class FalqonLitModule(LightningModule):
         self.conversion = convert_model(model, self.falqon_config, group_projections=self.fused_block)
         if self.fused_block:
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            missing = liger_missing(model, device)
-            if missing is None:
-                apply_liger_block(model)
-            self.fused_loss = missing is None
-            rank_zero_info(f"fused block: {'Liger Kernel' if missing is None else 'unfused (' + missing + ')'}")
+            self.fused_loss, description = apply_fused_block(model, device)
+            rank_zero_info(description)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.compile_decoder:
