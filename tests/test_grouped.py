@@ -74,9 +74,10 @@ def test_group_matches_per_projection_layers_and_float64_reference(device, scali
     grouped = _run(members, x, grad_ys)
     single = _run(singles, x, grad_ys)
     assert members[0]._projection_group.calls == 1  # one GEMM for all three
-    # Forward and grad_B: the same Q(x), the same bytes, the same GEMM per column: bit for bit.
+    # Forward and grad_B: the same Q(x), the same bytes, the same dot product per output: bit for bit on CPU; cuBLAS
+    # may pick another kernel (split-K) for the wider GEMM, so on CUDA to the GEMM's accumulation tolerance.
     for got, want in zip(grouped[:3] + grouped[4:], single[:3] + single[4:], strict=True):
-        assert torch.equal(got, want)
+        assert torch.equal(got, want) if device == "cpu" else _rel(got, want) < gemm_rtol(device)
     # grad_x: one E5M2 quantization of the concatenated gradient, one GEMM: equals its float64 reference ...
     want = reference.group_grad_input(members, grad_ys, list(residual))
     assert _rel(grouped[3], want) < gemm_rtol(device)
