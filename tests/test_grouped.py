@@ -16,6 +16,8 @@ from falqon_lit.convert import convert_model
 from falqon_lit.export.vllm import fp8_tensors, plan_vllm_export
 from falqon_lit.grouped import GroupedFalqonLinear, ProjectionGroup, projection_groups
 from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.proxy import select_rows
+from falqon_lit.proxy_updater import ProxyUpdater
 
 OUT_FEATURES = (64, 32, 32)  # q, k, v of a GQA block
 
@@ -210,3 +212,25 @@ def test_grouped_gradient_checkpointing_gives_the_same_gradients():
         assert all(group.calls == 1 + checkpointing for group in projection_groups(model))
     assert list(grads[0]) == list(grads[1])
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaling", list(ScaleGranularity))
+def test_grouped_proxy_updater_matches_the_same_projections_alone(device, scaling):
+    members, singles = _group(device, scaling, seed=torch.seed() % 2**31)
+    updater = ProxyUpdater(members)  # on CUDA: eager, then capture and replay on the group's views
+    x = torch.randn(8, 96, device=device)
+    for _ in range(4):
+        with torch.no_grad():
+            for a, b in zip(members, singles, strict=True):
+                delta = torch.randn_like(a.lora_B) * 0.05
+                a.lora_B.add_(delta)
+                b.lora_B.add_(delta)
+        updater(4)
+        for member, single in zip(members, singles, strict=True):
+            single.proxy_update(4, select_rows(single.lora_B, 4))
+            assert _same(member.weight_fp8, single.weight_fp8) and _same(member.weight_scale, single.weight_scale)
+        ys = [m(x) for m in members]
+        assert members[0]._projection_group.alone == 0
+        for y, single in zip(ys, singles, strict=True):
+            assert torch.equal(y, single(x)) if device == "cpu" else _rel(y, single(x)) < gemm_rtol(device)
