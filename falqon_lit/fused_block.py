@@ -7,8 +7,8 @@ stay FALQON layers), and ``fused_linear_cross_entropy`` computes the next-token 
 hidden states, so the ``tokens × vocab`` logits never materialize. Elsewhere nothing is patched and the loss comes
 from the logits: the same numbers, unfused. Liger patches rotary embeddings module-wide (``apply_rotary_pos_emb``
 of the family's ``modeling_*`` module), as its own API does; norms and MLPs are patched on this model's instances.
-On CUDA with Triton the norms in front of per-token-scaled projection groups then write the groups' FP8 input
-(``fused_norm``), replacing Liger's RMSNorm there.
+On CUDA with Triton the norms in front of per-token-scaled projection groups, and the SwiGLU before down_proj,
+then write the next GEMM's FP8 input (``fused_inputs``), replacing Liger's RMSNorm and SwiGLU there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from falqon_lit.fp8 import triton_norm_quantize
-from falqon_lit.fused_norm import install_norm_quantization
+from falqon_lit.fused_inputs import install_fused_inputs
 
 LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose blocks Liger Kernel patches here."""
@@ -64,9 +64,9 @@ def apply_fused_block(model: nn.Module, device: torch.device) -> tuple[bool, str
     if missing is None:
         apply_liger_block(model)
     probe = torch.empty(0, 1, device=device)
-    norms = install_norm_quantization(model) if triton_norm_quantize.available(probe) else 0
+    norms, mlps = install_fused_inputs(model) if triton_norm_quantize.available(probe) else (0, 0)
     liger = "Liger Kernel rotary/RMSNorm/SwiGLU/loss" if missing is None else f"no Liger ({missing})"
-    return missing is None, f"fused block: grouped projections, {liger}, {norms} norms writing FP8 inputs"
+    return missing is None, f"fused block: grouped projections, {liger}, FP8-writing norms/SwiGLUs {norms}/{mlps}"
 
 
 def liger_linear_cross_entropy(

@@ -31,12 +31,9 @@ from torch import nn
 from falqon_lit.config import FalqonConfig, ScaleGranularity
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, quantize_dynamic
+from falqon_lit.functional import prequantized_input
 from falqon_lit.grouped_functional import FalqonGroupFunction, GroupLayout
 from falqon_lit.layer import FalqonLinear
-
-INPUT_FP8_ATTR = "_falqon_input_fp8"
-"""Attribute of an input tensor holding its per-token FP8 quantization, set by the op that produced it
-(``fused_norm``): the group GEMM then reads it instead of quantizing the input again."""
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +183,7 @@ class ProjectionGroup:
         backend = resolve_backend(self.config.backend, x.device)
         residual = tuple(not m._b_is_zero() for m in self.members)
         lora_Bs = [m.lora_B for m in self.members]
-        x_fp8 = getattr(x, INPUT_FP8_ATTR, None) if self.config.act_scaling == ScaleGranularity.ROW else None
+        x_fp8 = prequantized_input(x, self.config.act_scaling)
         return FalqonGroupFunction.apply(
             x, x_fp8, self.weight_fp8, self.weight_scale, self.layout, self.config.act_scaling, backend, residual,
             *lora_Bs,

@@ -47,7 +47,7 @@ class FalqonGroupFunction(torch.autograd.Function):
         *lora_Bs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
-        if x_fp8 is None:  # else the op that produced x quantized it already (``fused_norm``)
+        if x_fp8 is None:  # else the op that produced x quantized it already (``fused_inputs``)
             x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
         out = fp8_gemm(x_fp8, Float8Tensor(weight_fp8, weight_scale), out_dtype=x_2d.dtype, backend=backend)  # (M, R)
         ys, o_as = [], []
