@@ -6,8 +6,9 @@ AdamW on the adapter, and for FALQON the row-wise proxy update) on a fixed rando
 installed gets a ``skipped`` row; the last table gives FALQON's speedup over each peer at the same checkpointing.
 
 FALQON variants ending in ``-fused`` run the fused block (``--model.fused_block``, the trainer's default): grouped
-q/k/v and gate/up GEMMs, and with Liger Kernel installed its rotary, RMSNorm, SwiGLU and fused linear
-cross-entropy; the other FALQON variants are the per-layer path with the eager block (the earlier sessions' runs).
+q/k/v and gate/up GEMMs, RMSNorms and SwiGLUs that write the next GEMM's FP8 input (Triton, per-token scales), and
+with Liger Kernel installed its rotary, final RMSNorm and fused linear cross-entropy; the other FALQON variants are
+the per-layer path with the eager block (the earlier sessions' runs).
 
 Usage:
     python benchmarks/train_step_bench.py --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
