@@ -61,6 +61,14 @@ class GroupedFalqonLinear(FalqonLinear):
             return super().forward(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and self._projection_group is not None:
+            # The FP8 buffers are views of the group's stacked weight: hand out copies, so that every consumer sees
+            # per-projection tensors as an ungrouped layer's (safetensors refuses tensors that share a storage).
+            for name in ("weight_fp8", "weight_scale"):
+                destination[prefix + name] = destination[prefix + name].clone()
+
     @torch.no_grad()
     def set_weight(self, weight_hp: torch.Tensor, lora_A_hp: torch.Tensor) -> None:
         """As ``FalqonLinear.set_weight``; a tensor-scaled group requantizes all its projections at one shared scale

@@ -234,3 +234,19 @@ def test_grouped_proxy_updater_matches_the_same_projections_alone(device, scalin
         assert members[0]._projection_group.alone == 0
         for y, single in zip(ys, singles, strict=True):
             assert torch.equal(y, single(x)) if device == "cpu" else _rel(y, single(x)) < gemm_rtol(device)
+
+
+def test_grouped_state_dict_holds_separate_tensors_and_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    model, twin = tiny_model("llama"), tiny_model("llama", seed=1)
+    convert_model(model, FalqonConfig(rank=16))
+    convert_model(twin, FalqonConfig(rank=16))
+    state = model.state_dict()
+    storages = [t.untyped_storage().data_ptr() for n, t in state.items() if n.endswith(("weight_fp8", "weight_scale"))]
+    assert len(set(storages)) == len(storages)  # no two tensors share a storage (safetensors refuses that)
+    save_model(model, str(tmp_path / "m.safetensors"))
+    load_model(twin, str(tmp_path / "m.safetensors"))  # copied into the twin's group views
+    ids = torch.randint(0, 256, (2, 8))
+    assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert all((g.calls, g.alone) == (1, 0) for g in projection_groups(twin))
