@@ -120,7 +120,9 @@ class FalqonLitModule(LightningModule):
         model = load_model(self.backbone, self.torch_dtype, self.init_seed)
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.conversion = convert_model(model, self.falqon_config, group_projections=self.fused_block)
+        # Row-sharded FP8 weights (ModelParallelStrategy) are per-layer: projections there run alone.
+        group = self.fused_block and self.device_mesh is None
+        self.conversion = convert_model(model, self.falqon_config, group_projections=group)
         if self.fused_block:
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             self.fused_loss, description = apply_fused_block(model, device)
