@@ -5,22 +5,27 @@ On CUDA with ``liger-kernel`` installed (``pip install 'falqon-lit[gpu]'``), ``a
 families in ``LIGER_FAMILIES`` Liger's rotary embedding, RMSNorm and SwiGLU (``silu(gate) * up``; the projections
 stay FALQON layers), and ``fused_linear_cross_entropy`` computes the next-token loss chunk by chunk from the last
 hidden states, so the ``tokens × vocab`` logits never materialize. Elsewhere nothing is patched and the loss comes
-from the logits: the same numbers, unfused. Liger patches rotary embeddings module-wide (``apply_rotary_pos_emb``
-of the family's ``modeling_*`` module), as its own API does; norms and MLPs are patched on this model's instances.
+from the logits: the same numbers, unfused. Norms and MLPs are rebound on this model's instances only (not through
+Liger's ``apply_liger_kernel_to_*``, whose class-level patches would reach every model built later, CPU ones
+included); rotary embeddings can only be replaced module-wide (``apply_rotary_pos_emb`` of the family's
+``modeling_*`` module), so that replacement runs Liger's kernel for CUDA tensors and the original function for
+any other.
 On CUDA with Triton the norms in front of per-token-scaled projection groups, and the SwiGLU before down_proj,
 then write the next GEMM's FP8 input (``fused_inputs``), replacing Liger's RMSNorm and SwiGLU there.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import types
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from falqon_lit.fp8 import triton_norm_quantize
-from falqon_lit.fused_inputs import install_fused_inputs
+from falqon_lit.fused_inputs import SILU_CLASSES, install_fused_inputs
 
 LIGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose blocks Liger Kernel patches here."""
@@ -43,15 +48,43 @@ def liger_missing(model: nn.Module, device: torch.device) -> str | None:
     return None
 
 
+def _liger_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon)  # offset 0, Llama casting, as Liger's
+
+
+def _liger_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _cuda_rotary(original: Callable) -> Callable:
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args, **kwargs):
+        return (liger_rotary_pos_emb if q.is_cuda else original)(q, k, cos, sin, *args, **kwargs)
+
+    rotary.falqon_original = original
+    return rotary
+
+
 def apply_liger_block(model: nn.Module) -> None:
     """Liger's rotary embedding, RMSNorm and SwiGLU for ``model`` (its loss stays ours: ``fused_linear_cross_entropy``).
 
     Call only when ``liger_missing`` returned ``None``.
     """
-    import liger_kernel.transformers as liger
-
-    apply = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
-    apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    family = model.config.model_type
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if not hasattr(modeling.apply_rotary_pos_emb, "falqon_original"):
+        modeling.apply_rotary_pos_emb = _cuda_rotary(modeling.apply_rotary_pos_emb)
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_liger_norm_forward, module)
+        act = type(getattr(module, "act_fn", None)).__name__
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act in SILU_CLASSES:
+            module.forward = types.MethodType(_liger_mlp_forward, module)
 
 
 def apply_fused_block(model: nn.Module, device: torch.device) -> tuple[bool, str]:

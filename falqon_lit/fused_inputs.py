@@ -24,6 +24,9 @@ from falqon_lit.fp8.triton_swiglu_quantize import swiglu_grad, swiglu_quantize
 from falqon_lit.functional import INPUT_FP8_ATTR
 from falqon_lit.layer import FalqonLinear
 
+SILU_CLASSES = ("SiLU", "SiLUActivation")
+"""Class names of the SiLU activation modules of Hugging Face MLPs (``ACT2FN["silu"]``)."""
+
 
 class RMSNormQuantFunction(torch.autograd.Function):
     """``y = RMSNorm(x)`` plus the non-differentiable ``Q(y)`` bytes and per-token scales; the weight is frozen."""
@@ -101,8 +104,8 @@ def install_fused_inputs(model: nn.Module) -> tuple[int, int]:
             if norm is not None and hasattr(norm, "variance_epsilon") and grouped and _quantizes_per_token(first):
                 norm.forward = types.MethodType(_norm_forward, norm)
                 norms += 1
-        act = getattr(getattr(mlp, "act_fn", None), "__class__", type(None)).__name__
-        if _quantizes_per_token(getattr(mlp, "down_proj", None)) and act in ("SiLU", "SiLUActivation"):
+        act = type(getattr(mlp, "act_fn", None)).__name__
+        if _quantizes_per_token(getattr(mlp, "down_proj", None)) and act in SILU_CLASSES:
             mlp.forward = types.MethodType(_mlp_forward, mlp)
             mlps += 1
     return norms, mlps
