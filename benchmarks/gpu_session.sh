@@ -28,7 +28,7 @@ install() {
 import importlib, torch
 names = [
     "triton", "transformers", "lightning", "peft", "vllm", "torchao", "bitsandbytes", "compressed_tensors",
-    "transformer_engine",
+    "transformer_engine", "liger_kernel",
 ]
 found = []
 for n in names:
@@ -43,7 +43,8 @@ PY
 tests() {
   local files=${TESTS:-tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py
     tests/test_proxy_updater.py tests/test_triton_quantize.py tests/test_triton_merge.py tests/test_convert.py
-    tests/test_te_backend.py tests/test_vllm_serving.py}
+    tests/test_te_backend.py tests/test_vllm_serving.py tests/test_grouped.py tests/test_fused_inputs.py
+    tests/test_fused_block.py}
   timeout 420 python3 -m pytest $files -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -4
 }
 

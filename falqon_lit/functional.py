@@ -22,6 +22,15 @@ from falqon_lit.fp8 import triton_quantize
 from falqon_lit.fp8.gemm import fp8_gemm
 from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
 
+INPUT_FP8_ATTR = "_falqon_input_fp8"
+"""Attribute of an input tensor holding its per-token FP8 quantization (a ``Float8Tensor`` of its 2-D view), set by
+the op that produced it (``fused_inputs``: RMSNorm, SwiGLU): the GEMM then reads it instead of quantizing again."""
+
+
+def prequantized_input(x: torch.Tensor, act_scaling: ScaleGranularity) -> Float8Tensor | None:
+    """The per-token FP8 quantization the op that produced ``x`` attached, when per-token scaling is wanted."""
+    return getattr(x, INPUT_FP8_ATTR, None) if act_scaling == ScaleGranularity.ROW else None
+
 
 def melded_forward(
     x_2d: torch.Tensor,
@@ -29,9 +38,12 @@ def melded_forward(
     out_features: int,
     act_scaling: ScaleGranularity,
     backend: Backend,
+    x_fp8: Float8Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
-    x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
+    """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``; ``x_fp8`` is ``Q(x)``
+    when the op that produced ``x`` computed it already."""
+    if x_fp8 is None:
+        x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
     out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
     # O stays a strided view (no copy of the big output); O_A is copied out (small) so that saving it for
     # backward does not keep the whole (M, out + r) buffer alive after O is gone.
@@ -63,6 +75,19 @@ def melded_grad_input(
         # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
         scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
         weight_t = Float8Tensor(weight_t.data[:, :out_features], scale)
+    return grad_gemm(grad_2d, tail, weight_t, act_scaling, backend, out_dtype)
+
+
+def grad_gemm(
+    grad_2d: torch.Tensor,
+    tail: torch.Tensor | None,
+    weight_t: Float8Tensor,
+    act_scaling: ScaleGranularity,
+    backend: Backend,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``Q_e5m2([grad_2d | tail]) · W'`` for the row-major transpose ``W'_t`` ``(in, N)`` whose ``N`` columns match
+    the gradient's; a row weight scale is folded into the gradient's columns (see ``melded_grad_input``)."""
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
@@ -96,7 +121,8 @@ class FalqonLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         out_features = lora_B.shape[0]
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
-        o, o_a = melded_forward(x_2d, Float8Tensor(weight_fp8, weight_scale), out_features, act_scaling, backend)
+        weight = Float8Tensor(weight_fp8, weight_scale)
+        o, o_a = melded_forward(x_2d, weight, out_features, act_scaling, backend, prequantized_input(x, act_scaling))
         # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
         # Otherwise O += O_A Bᵀ in place: cuBLAS reads and writes the strided view once (beta = 1), where an
         # out-of-place addmm would first copy O into a new tensor.

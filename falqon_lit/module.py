@@ -26,6 +26,7 @@ from falqon_lit.backbone import (
 )
 from falqon_lit.config import FalqonConfig, plain_dict
 from falqon_lit.convert import ConversionReport, convert_model
+from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
@@ -52,6 +53,9 @@ class FalqonLitModule(LightningModule):
         dtype: dtype the backbone's high-precision weights are loaded in (``float32``, ``bfloat16``, ``float16``).
         gradient_checkpointing: recompute decoder blocks in backward to save activation memory.
         compile: ``torch.compile`` each decoder block (the FP8 layers stay as they are); the first steps compile.
+        fused_block: run projections that share an input as one FP8 GEMM, and on CUDA with Liger Kernel its
+            rotary, RMSNorm, SwiGLU and a fused lm_head + cross-entropy (no full logits); ``False`` runs every
+            layer alone and the block eagerly (for comparison).
         init_seed: seed of the random initialisation of config-dict backbones (independent of the global seed).
         sample_max_new_tokens: completion length of ``predict`` and of the before/after samples.
     """
@@ -65,6 +69,7 @@ class FalqonLitModule(LightningModule):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        fused_block: bool = True,
         init_seed: int = 0,
         sample_max_new_tokens: int = 32,
     ) -> None:
@@ -86,6 +91,9 @@ class FalqonLitModule(LightningModule):
         self.context_length = context_length(self.backbone.config)
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_decoder = compile  # not `self.compile`: that is nn.Module.compile
+        self.fused_block = fused_block
+        self.fused_loss = False
+        """Whether the loss runs Liger's fused linear cross-entropy (decided in ``configure_model``)."""
         self.init_seed = init_seed
         self.sample_max_new_tokens = sample_max_new_tokens
         self.model: torch.nn.Module | None = None
@@ -105,7 +113,13 @@ class FalqonLitModule(LightningModule):
         model = load_model(self.backbone, self.torch_dtype, self.init_seed)
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.conversion = convert_model(model, self.falqon_config)
+        # Row-sharded FP8 weights (ModelParallelStrategy) are per-layer: projections there run alone.
+        group = self.fused_block and self.device_mesh is None
+        self.conversion = convert_model(model, self.falqon_config, group_projections=group)
+        if self.fused_block:
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            self.fused_loss, description = apply_fused_block(model, device)
+            rank_zero_info(description)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.compile_decoder:
@@ -148,7 +162,10 @@ class FalqonLitModule(LightningModule):
         Returns:
             ``(loss, preds (N,), targets (N,))`` with ``targets == -100`` where nothing is trained.
         """
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        ids, mask, positions = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        if self.fused_loss:
+            return fused_linear_cross_entropy(self.model, ids, mask, positions, batch["labels"], IGNORE_INDEX)
+        logits = self(ids, mask, positions)
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
         targets = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)

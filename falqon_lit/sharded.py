@@ -27,7 +27,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from falqon_lit.config import BPolicy, Rounding
-from falqon_lit.convert import swap_module
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import dequantize
 from falqon_lit.layer import FalqonLinear, falqon_layers
@@ -313,7 +312,7 @@ def shard_falqon_model(model: nn.Module, mesh: DeviceMesh) -> list[str]:
         if isinstance(layer, ShardedFalqonLinear):
             continue
         try:
-            swap_module(model, name, ShardedFalqonLinear(layer, mesh))
+            model.set_submodule(name, ShardedFalqonLinear(layer, mesh))
         except ValueError as err:
             raise ValueError(f"{err} (layer {name!r})") from None
         names.append(name)
@@ -353,6 +352,6 @@ def gather_falqon_model(model: nn.Module) -> list[str]:
         full._refresh_transpose()
         full._recheck_b_zero()
         full.train(layer.training)
-        swap_module(model, name, full)
+        model.set_submodule(name, full)
         names.append(name)
     return names

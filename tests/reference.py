@@ -71,3 +71,31 @@ def merge(layer_before: FalqonLinear, rows: torch.Tensor) -> tuple[torch.Tensor,
         return quantize_dynamic(new_hp, E4M3, ScaleGranularity.ROW)
     limit = torch.finfo(E4M3).max
     return (new_hp / scale).clamp(-limit, limit).to(E4M3), scale
+
+
+def group_grad_input(layers: list[FalqonLinear], grad_ys: list[torch.Tensor], residual: list[bool]) -> torch.Tensor:
+    """Grouped input gradient: ``deq(Q_e5m2([g_1 | g_1 B_1 | g_2 | ...] ⊙ s)) · [W_1; A_1; W_2; ...]`` in float64,
+    one quantization of the concatenated gradient (a zero tail for a projection without residual)."""
+    pieces, weights, scales = [], [], []
+    for layer, grad_y, has_residual in zip(layers, grad_ys, residual, strict=True):
+        g = grad_y.reshape(-1, layer.out_features)
+        tail = g @ layer.lora_B.detach().to(g.dtype) if has_residual else g.new_zeros(g.shape[0], layer.rank)
+        pieces += [g, tail]
+        weights.append(layer.weight_fp8.to(torch.float64))
+        scales.append(layer.weight_scale.expand(layer.out_features + layer.rank, 1))
+    g, w_fp8, w_scale = torch.cat(pieces, dim=1), torch.cat(weights), torch.cat(scales)
+    if layers[0].weight_scale.numel() > 1:
+        g, w_scale = g.float() * w_scale.reshape(1, -1), torch.ones((), dtype=torch.float64)
+    else:
+        w_scale = layers[0].weight_scale.double()
+    g_fp8, g_scale = quantize_dynamic(g, E5M2, layers[0].config.act_scaling)
+    return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_ys[0].shape[:-1], -1)
+
+
+def linear_cross_entropy(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused ``lm_head`` + cross-entropy (float32 logits, as the trainer's logits path): (mean loss, argmax)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return loss, logits.argmax(dim=-1)

@@ -21,7 +21,7 @@ def _stored(folder):
 
 
 def test_vllm_export_writes_trained_fp8_bytes_and_matches_trainer(tiny, tmp_path):
-    model, tokenizer, _ = tiny
+    model, tokenizer, granularity = tiny
     report = export_model(model, tokenizer, "vllm", tmp_path / "out")
     assert report.rows_flushed > 0  # the last training step left B pending; the export merged it
     stored = _stored(tmp_path / "out")
@@ -31,9 +31,10 @@ def test_vllm_export_writes_trained_fp8_bytes_and_matches_trainer(tiny, tmp_path
         assert torch.equal(weight.view(torch.uint8), layer.weight_fp8[: layer.out_features].view(torch.uint8))
         scale = stored[f"{name}.weight_scale"]
         assert scale.dtype == torch.float32
-        # Row scales are channel scales; tensor scales whose fused shards differ are repeated per channel (exact).
-        assert scale.shape == (layer.out_features, 1)
-        assert torch.equal(scale, layer.weight_scale_rows.expand(layer.out_features, 1))
+        # Row scales are channel scales; a tensor scale shared by its projection group stays one tensor scale.
+        want = layer.weight_scale_rows
+        want = want if granularity == "tensor" else want.expand(layer.out_features, 1)
+        assert scale.shape == want.shape and torch.equal(scale, want)
     assert not any(k.endswith((".weight_fp8", ".lora_B")) or "merge_" in k for k in stored)
     assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
     ct_result = report.results[0]
@@ -98,7 +99,9 @@ def test_vllm_quantization_config_validates_with_compressed_tensors(granularity,
     assert parsed.ignore == ["lm_head"]
     (scheme,) = parsed.config_groups.values()
     assert scheme.targets == ["Linear"]
-    assert (scheme.weights.type, scheme.weights.num_bits, scheme.weights.strategy) == ("float", 8, "channel")
+    # Grouped projections share their tensor scale, so tensor-scaled weights keep the tensor strategy.
+    strategy = {"tensor": "tensor", "row": "channel"}[granularity]
+    assert (scheme.weights.type, scheme.weights.num_bits, scheme.weights.strategy) == ("float", 8, strategy)
     assert scheme.weights.symmetric and not scheme.weights.dynamic
     assert (scheme.input_activations.strategy, scheme.input_activations.dynamic) == (act, True)
 
@@ -122,7 +125,7 @@ def test_vllm_plan_keeps_tensor_strategy_when_fused_scales_equal(tmp_path, tiny_
 
 
 def test_vllm_plan_tensor_strategy_warns_when_fused_scales_differ(tiny_factory):
-    model, _ = tiny_factory("tensor", "tensor")
+    model, _ = tiny_factory("tensor", "tensor", group_projections=False)
     with pytest.warns(UserWarning, match="requantize them to the largest scale"):
         assert plan_vllm_export(model, "tensor").weight_strategy == "tensor"
 
@@ -143,7 +146,7 @@ def _vllm_requantize_with_max_scale(weights, scales):
 
 
 def test_vllm_channel_export_keeps_fused_shards_exact_where_tensor_would_reround(tmp_path, tiny_factory):
-    model, tokenizer = tiny_factory("tensor", "tensor")
+    model, tokenizer = tiny_factory("tensor", "tensor", group_projections=False)
     attn = model.model.layers[0].self_attn
     shards = [attn.q_proj, attn.k_proj, attn.v_proj]
     assert len({float(s.weight_scale) for s in shards}) == 3  # the usual case after tensor-scaled training
