@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from falqon_lit.config import Backend, GemmRole, ScaleGranularity
-from falqon_lit.fp8 import triton_quantize
+from falqon_lit.config import SCALE_BLOCK, Backend, GemmRole, ScaleGranularity
+from falqon_lit.fp8 import block_gemm, triton_quantize
 from falqon_lit.fp8.gemm import fp8_gemm
+from falqon_lit.fp8.numerics import is_block_scale
 from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
 
 
@@ -32,7 +33,8 @@ def melded_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
     x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
-    out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
+    aligned = out_features % SCALE_BLOCK == 0  # A's block row then starts on the 128-row grid
+    out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend, block_aligned=aligned)  # (M, out + r)
     # O stays a strided view (no copy of the big output); O_A is copied out (small) so that saving it for
     # backward does not keep the whole (M, out + r) buffer alive after O is gone.
     return out[:, :out_features], out[:, out_features:].clone()
@@ -55,6 +57,7 @@ def melded_grad_input(
 
     A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
     gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
+    A block scale varies along ``grad_x``'s columns too, so it stays with the weight in a block-wise GEMM.
     """
     out_features, tail = grad_2d.shape[1], None
     if lora_B is not None:
@@ -63,6 +66,10 @@ def melded_grad_input(
         # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
         scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
         weight_t = Float8Tensor(weight_t.data[:, :out_features], scale)
+    if is_block_scale(weight_t.scale):
+        grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling, backend)(grad_2d, None, tail)
+        aligned = out_features % SCALE_BLOCK == 0
+        return block_gemm.grad_input_mm(grad_fp8, weight_t.data, weight_t.scale, out_dtype, backend, aligned)
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)

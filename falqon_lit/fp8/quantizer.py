@@ -18,7 +18,8 @@ class Float8Tensor(NamedTuple):
     data: torch.Tensor
     """FP8 bytes, 2-D."""
     scale: torch.Tensor
-    """float32, ``(1,)`` for a tensor scale or ``(rows, 1)`` for a row scale."""
+    """float32, ``(1,)`` for a tensor scale, ``(rows, 1)`` for a row scale, ``(rows, ceil(cols / 128))`` for a block
+    scale (row-expanded)."""
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """High-precision values ``data * scale``."""
@@ -34,7 +35,8 @@ class Float8Quantizer:
 
     Args:
         role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision).
-        granularity: one scale per tensor, or one per row (token or output channel).
+        granularity: one scale per tensor, one per row (token or output channel), or one per 1 × 128 group of a row
+            (``block``; 128 × 128 weight blocks are built by ``numerics.quantize_weight``).
         backend: ``te`` quantizes with Transformer Engine's kernels (tensor scales only); any other backend with
             the fused Triton kernels on CUDA and the eager reference path elsewhere.
     """
@@ -64,7 +66,7 @@ class Float8Quantizer:
                 raise ValueError("backend 'te' quantizes with one scale per tensor only")
             x_hp = x_hp if tail is None else torch.cat([x_hp, tail], dim=1)
             return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
-        if triton_quantize.available(x_hp):
+        if triton_quantize.available(x_hp) and self.granularity != ScaleGranularity.BLOCK:  # no fused 1×128 kernel
             return Float8Tensor(*triton_quantize.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
         if tail is not None:
             x_hp = torch.cat([x_hp, tail], dim=1)
