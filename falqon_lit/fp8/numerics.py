@@ -18,10 +18,9 @@ Conventions, documented once here and used everywhere:
 
 from __future__ import annotations
 
-import torch
-
 import math
 
+import torch
 import torch.nn.functional as F
 
 from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
