@@ -11,6 +11,7 @@ from torch import nn
 
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
 from falqon_lit.fp8 import te_backend
+from falqon_lit.fp8_checkpoint import Fp8SourceLinear
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def convert_model(
     if config.backend == Backend.TE:
         te_backend.require()  # fail before converting anything, not at the first forward
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8SourceLinear))]
     if config.target_modules is not None:
         unknown = [t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in linears)]
         if unknown:
@@ -110,7 +111,10 @@ def convert_model(
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FalqonLinear.from_linear(linear, config, name=name))
+        if isinstance(linear, Fp8SourceLinear):  # an FP8 checkpoint's layer: its bytes and scales are kept
+            setattr(parent, child, linear.to_falqon(config, name=name))
+        else:
+            setattr(parent, child, FalqonLinear.from_linear(linear, config, name=name))
         report.converted.append(name)
 
     if not report.converted:
