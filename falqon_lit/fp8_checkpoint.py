@@ -70,7 +70,7 @@ class Fp8Checkpoint:
 
     def file_hashes(self) -> dict[str, str]:
         """SHA-256 of every safetensors and ``config.json`` file of the source, for the export manifest."""
-        files = sorted(self.folder.glob("*.safetensors")) + [self.folder / "config.json"]
+        files = [*sorted(self.folder.glob("*.safetensors")), self.folder / "config.json"]
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
