@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -141,6 +142,11 @@ def verify_vllm_folder(
 ) -> list[VerifyResult]:
     """transformers + compressed-tensors on CPU (gating; exact where it can be), then vLLM where it can run."""
     exact = _exact_on_cpu(model, dtype)
+    source = getattr(model, "falqon_fp8_source", None)
+    if source is not None and source.format == "fp8":
+        # transformers runs a native fp8 folder weight-only on CPU (W dequantized, float activations): its reference
+        # is the trainer's FP8 weights with float activations.
+        samples = [dataclasses.replace(s, logits=s.logits_float_act) for s in samples]
     result = compare(
         samples,
         transformers_candidate(folder),

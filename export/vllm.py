@@ -27,6 +27,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
+from falqon_lit.fp8.numerics import compact_block_scale
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
@@ -58,9 +59,9 @@ class VllmPlan:
     """What the vLLM export writes, decided from the model before any file is touched."""
 
     weight_strategy: str
-    """``tensor`` or ``channel``."""
+    """``tensor``, ``channel`` or ``block``."""
     act_strategy: str
-    """``tensor`` or ``token`` (dynamic)."""
+    """``tensor``, ``token`` or ``group`` (dynamic)."""
     ignore: list[str] = field(default_factory=list)
     """Layers left in high precision: ``lm_head`` and every linear that is not a FALQON layer."""
     reason: str = ""
@@ -125,6 +126,8 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
         n for n, m in model.named_modules() if type(m) is nn.Linear and m is not output_embeddings and n != "lm_head"
     ]
 
+    if w_scaling == ScaleGranularity.BLOCK:
+        return VllmPlan("block", _act_strategy(a_scaling), ignore, "block scales export as the 128x128 block strategy")
     if w_scaling == ScaleGranularity.ROW:
         if weight_strategy == WeightStrategy.TENSOR:
             raise ExportError(
@@ -162,7 +165,7 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
 
 
 def _act_strategy(scaling: ScaleGranularity) -> str:
-    return "token" if scaling == ScaleGranularity.ROW else "tensor"
+    return {ScaleGranularity.ROW: "token", ScaleGranularity.BLOCK: "group"}.get(scaling, "tensor")
 
 
 def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
@@ -170,10 +173,20 @@ def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.weight_strategy, symmetric=True, dynamic=False
+            num_bits=8,
+            type="float",
+            strategy=plan.weight_strategy,
+            symmetric=True,
+            dynamic=False,
+            block_structure=[128, 128] if plan.weight_strategy == "block" else None,
         ),
         input_activations=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.act_strategy, symmetric=True, dynamic=True
+            num_bits=8,
+            type="float",
+            strategy=plan.act_strategy,
+            symmetric=True,
+            dynamic=True,
+            group_size=128 if plan.act_strategy == "group" else None,
         ),
     )
     return QuantizationConfig(
@@ -203,6 +216,8 @@ def fp8_tensors(model: nn.Module, plan: VllmPlan, dtype: torch.dtype) -> dict[st
         scale = layer.weight_scale_rows.detach().float().cpu()
         if plan.weight_strategy == "channel":
             scale = scale.reshape(-1, 1).expand(layer.out_features, 1)  # (out, 1), a tensor scale repeated
+        elif plan.weight_strategy == "block":
+            scale = compact_block_scale(scale)  # (ceil(out / 128), ceil(in / 128))
         tensors[f"{name}.weight"] = layer.weight_fp8[: layer.out_features].detach().cpu().clone()
         tensors[f"{name}.weight_scale"] = scale.contiguous().clone()
         if layer.bias is not None:
@@ -225,6 +240,11 @@ def write_vllm(
     Returns:
         Manifest facts: tensors written, scheme and the reason for the weight strategy.
     """
+    source = getattr(model, "falqon_fp8_source", None)
+    if source is not None:  # imported from an FP8 checkpoint: its own format and scheme go back out
+        from .fp8_source import write_fp8_source_format
+
+        return write_fp8_source_format(model, tokenizer, folder, dtype, source)
     plan = plan_vllm_export(model, weight_strategy)
     quantization_config = quantization_config_dict(plan)
     tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}

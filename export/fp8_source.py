@@ -1,0 +1,99 @@
+"""``--target vllm`` for a model imported from an FP8 checkpoint: write the source's own format and scheme back.
+
+The source's ``quantization_config`` is written verbatim (compressed-tensors or native ``fp8``), each FP8 linear as
+``weight`` (the trained E4M3 bytes of ``W``, ``A`` dropped) and its scale under the source's name and shape
+(``weight_scale`` / ``weight_scale_inv``; ``(1,)``, ``(out, 1)`` or ``(ceil(out / 128), ceil(in / 128))``).
+Merges keep block and tensor scales and change only the rows they chose (``falqon_lit.proxy``), so every row the
+proxy update never touched leaves with the source's bytes and scale. The manifest records the source's hashes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from falqon_lit.config import ScaleGranularity
+from falqon_lit.fp8.numerics import compact_block_scale
+from falqon_lit.fp8_checkpoint import Fp8Checkpoint, Fp8SourceLinear
+from falqon_lit.layer import falqon_layers
+
+from .errors import ExportError
+from .hf_folder import (
+    high_precision_state_dict,
+    tensor_facts,
+    write_config,
+    write_safetensors,
+    write_tokenizer_and_generation_config,
+)
+
+
+def _source_shapes(source: Fp8Checkpoint) -> dict[str, list[int]]:
+    """Shapes of the source's scale tensors, read from the safetensors headers (no tensor is loaded)."""
+    shapes = {}
+    for file in sorted(source.folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(f".{source.scale_suffix}"):
+                    shapes[key] = f.get_slice(key).get_shape()
+    return shapes
+
+
+def fp8_source_tensors(model: nn.Module, source: Fp8Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The FP8 tensors of every FALQON layer (and of any source layer left unconverted) in the source's layout.
+
+    Raises:
+        ExportError: the source no longer exists, or a layer's scaling is not the source's.
+    """
+    if not source.folder.is_dir():
+        raise ExportError(f"the FP8 source checkpoint '{source.folder}' is gone; the export writes its format back")
+    shapes = _source_shapes(source)
+    tensors = {}
+    for name, layer in falqon_layers(model).items():
+        if layer.config.weight_scaling != source.weight_scaling:
+            raise ExportError(
+                f"layer {name!r} has {layer.config.weight_scaling.value} scales but the source checkpoint "
+                f"'{source.folder}' has {source.weight_scaling.value}; convert it from the checkpoint as it is"
+            )
+        scale = layer.weight_scale_rows.detach().float().cpu()
+        if source.weight_scaling == ScaleGranularity.BLOCK:
+            scale = compact_block_scale(scale)
+        key = f"{name}.{source.scale_suffix}"
+        tensors[f"{name}.weight"] = layer.weight_fp8[: layer.out_features].detach().cpu().clone()
+        tensors[key] = scale.reshape(shapes.get(key, scale.shape)).contiguous().clone()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().cpu().to(dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8SourceLinear):  # not converted (ignored): its source tensors, as they were
+            tensors[f"{name}.weight"] = module.weight_fp8.detach().cpu().clone()
+            tensors[f"{name}.{source.scale_suffix}"] = module.weight_scale.detach().cpu().clone()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach().cpu().to(dtype)
+    return tensors
+
+
+def write_fp8_source_format(
+    model: nn.Module, tokenizer: Any, folder: Path, dtype: torch.dtype, source: Fp8Checkpoint
+) -> dict[str, Any]:
+    """Write the model in its source checkpoint's format into ``folder``; returns the manifest facts."""
+    fp8 = fp8_source_tensors(model, source, dtype)
+    hp = {k: v for k, v in high_precision_state_dict(model, dtype).items() if k not in fp8}
+    prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in fp8 if n.endswith(".weight"))
+    tensors = {**{k: v for k, v in hp.items() if not k.startswith(prefixes)}, **fp8}
+    write_config(model, folder, dtype, source.quantization_config)
+    write_tokenizer_and_generation_config(model, tokenizer, folder)
+    write_safetensors(tensors, folder)
+    return {
+        "tensors": tensor_facts(tensors),
+        "vllm": {
+            "source_format": source.format,
+            "weight_scaling": source.weight_scaling.value,
+            "input_activations": source.act_scaling.value,
+            "fp8_layers": len(falqon_layers(model)),
+            "reason": "written in the format and scheme of the FP8 checkpoint it was imported from",
+        },
+        "source_checkpoint": {"folder": str(source.folder), "sha256": source.file_hashes()},
+    }
