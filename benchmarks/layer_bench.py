@@ -83,8 +83,9 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
     linear.to(torch.bfloat16)
     row["falqon_eager_quant"] = _time_ms(_fwd_bwd(eager, x, grad))
     triton_quantize.triton = triton_module
-    for ws in ScaleGranularity:
-        for act in ScaleGranularity:
+    per_row = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)  # block scales: benchmarks/block_bench.py
+    for ws in per_row:
+        for act in per_row:
             cfg = FalqonConfig(rank=rank, weight_scaling=ws, act_scaling=act)
             layer = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
             linear.to(torch.bfloat16)

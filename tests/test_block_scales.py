@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import reference
 import torch
-from fp8_devices import DEVICES, gemm_rtol
+from fp8_devices import DEVICES, gemm_rtol, requires_cuda_fp8
 from torch import nn
 
 from falqon_lit.config import Backend, BPolicy, FalqonConfig, Rounding, ScaleGranularity
+from falqon_lit.fp8 import block_gemm
 from falqon_lit.fp8.numerics import (
     E4M3,
     amax,
@@ -151,3 +153,24 @@ def test_block_merge_clamps_to_the_kept_block_scale_and_counts_saturation():
     assert int(layer.merge_saturated) == 8
     merged = layer.weight_fp8[rows].float()
     assert torch.isfinite(merged).all() and merged.abs().max() == fp8_max(E4M3)
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+@pytest.mark.parametrize("residual", [False, True])
+def test_block_layer_runs_the_blockwise_kernels_on_cuda(residual):
+    # out % 128 == 0: W and A blocks lie on the 128-row grid, so neither GEMM may fall back to the float32 path.
+    block_gemm._REFUSED.clear()
+    layer = _block_layer(512, 256, device="cuda")
+    if residual:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(64, 512, device="cuda", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refused shape warns: make it fail here
+        y = layer(x)
+        grad_y = torch.randn_like(y)
+        y.backward(grad_y)
+    assert not block_gemm._REFUSED
+    assert _rel(y, reference.forward(layer, x)) < gemm_rtol("cuda")
+    assert _rel(x.grad, reference.grad_input(layer, grad_y, residual)) < gemm_rtol("cuda")

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from falqon_lit.config import Backend
+from falqon_lit.config import SCALE_BLOCK, Backend
 from falqon_lit.fp8.numerics import compact_block_scale, dequantize, is_block_scale
 from falqon_lit.fp8.quantizer import Float8Tensor
 
@@ -81,12 +81,28 @@ def grad_input_mm(
 
     Block scales vary along the output columns, so they cannot be folded into the gradient as row scales are;
     the block-wise GEMM applies them per (K-block, N-block) instead.
+
+    Args:
+        grad: ``Q_e5m2([g | g B])`` with 1 × 128 group scales (block-wise kernel) or any other scale (fallback).
+        weight_t: ``W'ᵀ`` ``(N, K)`` row-major (the stored transpose, or its column slice).
+        weight_scale: row-expanded block scale of ``W'`` ``(K, ceil(N / 128))``.
+        out_dtype: dtype of ``grad_x``.
+        backend: ``emulate`` runs float64; anything else the CUDA kernel or the float32 fallback.
+        block_aligned: ``W'``'s blocks lie on the 128-row grid (``out % 128 == 0``).
     """
     if backend == Backend.EMULATE:
         return (grad.dequantize(torch.float64) @ dequantize(weight_t.t(), weight_scale, torch.float64)).to(out_dtype)
     if grad.data.device.type == "cuda" and block_aligned and is_block_scale(grad.scale):
+        # With a B residual, K = out + r ends in a partial block (A's rows, and [g | g B]'s last 1 × 128 group, which
+        # start together at out): the whole blocks run block-wise, the r-wide tail as a small dequantized GEMM.
+        k_full = SCALE_BLOCK * (weight_t.shape[1] // SCALE_BLOCK)
+        head = Float8Tensor(grad.data[:, :k_full], grad.scale[:, : k_full // SCALE_BLOCK])
         # _scaled_mm(a (M, K), b (K, N) column-major): weight_t (N, K) row-major is exactly that, transposed.
-        out = _blockwise(grad, weight_t.t(), compact_block_scale(weight_scale).t(), out_dtype)
+        out = _blockwise(head, weight_t[:, :k_full].t(), compact_block_scale(weight_scale[:k_full]).t(), out_dtype)
         if out is not None:
-            return out
+            if k_full == weight_t.shape[1]:
+                return out
+            tail = Float8Tensor(grad.data[:, k_full:], grad.scale[:, k_full // SCALE_BLOCK :])
+            w_tail = dequantize(weight_t[:, k_full:].t(), weight_scale[k_full:], torch.float32)
+            return out.add_(_dequantized_mm(tail, w_tail, out_dtype))
     return _dequantized_mm(grad, dequantize(weight_t.t(), weight_scale, torch.float32), out_dtype)
