@@ -25,6 +25,13 @@ from falqon_lit.layer import falqon_layers
 TINY_FP8 = {"hidden_size": 256, "intermediate_size": 384, "num_key_value_heads": 1}
 
 
+def _bf16_valued(model: torch.nn.Module) -> torch.nn.Module:
+    """Round parameters (not buffers: rotary frequencies stay float32) to bf16 values, kept in float32."""
+    for param in model.parameters():
+        param.data = param.data.bfloat16().float()
+    return model
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in folder.glob("*.safetensors"):
@@ -37,7 +44,7 @@ def test_fp8_checkpoint_fit_export_round_trip_keeps_untouched_rows(scheme, tiny_
     torch.manual_seed(torch.seed() % 2**31)
     # bf16-valued weights: the bf16 export of embeddings and norms is then lossless, and the read-back must
     # reproduce the trainer bit for bit (only the FP8 path is under test).
-    source = write_fp8_checkpoint(tiny_llama(**TINY_FP8).bfloat16().float(), tmp_path / scheme, scheme)
+    source = write_fp8_checkpoint(_bf16_valued(tiny_llama(**TINY_FP8)), tmp_path / scheme, scheme)
     module, data = tiny_trainer_parts({"model": str(source), "falqon": {"rank": 16, "b_policy": "zero"}})
     trainer = Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
@@ -75,3 +82,39 @@ def test_fp8_checkpoint_fit_export_round_trip_keeps_untouched_rows(scheme, tiny_
     assert hashes == {
         f: hashlib.sha256((source / f).read_bytes()).hexdigest() for f in ("model.safetensors", "config.json")
     }
+
+
+def test_block_trained_model_exports_as_compressed_tensors_block(tiny_chat_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from falqon_lit import FalqonConfig, convert_model
+
+    torch.manual_seed(torch.seed() % 2**31)
+    model = _bf16_valued(tiny_llama(**TINY_FP8))
+    convert_model(model, FalqonConfig(rank=16, weight_scaling="block", act_scaling="block"))
+    with torch.no_grad():
+        for layer in falqon_layers(model).values():
+            layer.lora_B.normal_(0, 1e-3)  # a pending residual for the export's flush
+    report = export_model(model, AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir), "vllm", tmp_path / "out")
+    assert report.results[0].passed, report.results[0]
+    scheme = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    args = next(iter(scheme.values()))
+    assert (args["weights"]["strategy"], args["weights"]["block_structure"]) == ("block", [128, 128])
+    assert (args["input_activations"]["strategy"], args["input_activations"]["group_size"]) == ("group", 128)
+    out = _tensors(tmp_path / "out")
+    for name, layer in falqon_layers(model).items():
+        assert out[f"{name}.weight_scale"].shape == (-(-layer.out_features // 128), -(-layer.in_features // 128))
+
+
+def test_onnx_export_refuses_block_scales(tiny_chat_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from falqon_lit import FalqonConfig, convert_model
+    from falqon_lit.export import ExportError
+
+    model = tiny_llama(**TINY_FP8)
+    convert_model(model, FalqonConfig(rank=16, weight_scaling="block", act_scaling="block"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
+    with pytest.raises(ExportError, match="have 128x128 block scales; export them with --target vllm"):
+        export_model(model, tokenizer, "onnx", tmp_path / "onnx", verify=False)
+    assert not (tmp_path / "onnx").exists()
