@@ -118,3 +118,29 @@ def test_onnx_export_refuses_block_scales(tiny_chat_tokenizer_dir, tmp_path):
     with pytest.raises(ExportError, match="have 128x128 block scales; export them with --target vllm"):
         export_model(model, tokenizer, "onnx", tmp_path / "onnx", verify=False)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_fp8_checkpoint_exports_its_format_from_a_lightning_checkpoint(tiny_trainer_parts, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from falqon_lit.export import load_for_export
+
+    torch.manual_seed(torch.seed() % 2**31)
+    source = write_fp8_checkpoint(_bf16_valued(tiny_llama(**TINY_FP8)), tmp_path / "fp8-block", "fp8-block")
+    module, data = tiny_trainer_parts({"model": str(source)})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[RowwiseProxyUpdate(k=4), ckpt],
+    )  # fmt: skip
+    trainer.fit(module, data)
+    loaded = load_for_export(tmp_path / "ckpt" / "last.ckpt")  # rebuilt from the FP8 folder, trained state loaded
+    export_model(loaded.model, loaded.tokenizer, "vllm", tmp_path / "out", new_tokens=2)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((source / "config.json").read_text())["quantization_config"]
+    out = _tensors(tmp_path / "out")
+    for name, layer in falqon_layers(module.model).items():  # the trained bytes, not the source's
+        assert torch.equal(
+            out[f"{name}.weight"].view(torch.uint8), layer.weight_fp8[: layer.out_features].view(torch.uint8)
+        )
