@@ -141,3 +141,29 @@ def test_detect_fp8_checkpoint_rejects_unsupported_schemes(tmp_path, quantizatio
     )
     with pytest.raises(UnsupportedCheckpointError, match=match):
         detect_fp8_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_import_smollm2_in_each_format_keeps_bytes_and_tracks_the_model(tmp_path):
+    """The packaged SmolLM2-135M in every format (576/192/1536 wide: partial edge blocks), imported as FALQON."""
+    from falqon_lit.assets import load_smollm2
+
+    base, tokenizer = load_smollm2(torch.float32)
+    ids = tokenizer("The capital of France is Paris, a city on the Seine.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = float(base(input_ids=ids, labels=ids).loss)
+    for scheme in SCHEMES:
+        model, _ = load_smollm2(torch.float32)  # fresh: compressed-tensors quantizes in place
+        folder = write_fp8_checkpoint(model, tmp_path / scheme, scheme)
+        source = _source_tensors(folder)
+        imported = _imported(folder).eval()
+        layers = falqon_layers(imported)
+        assert len(layers) == 30 * 7
+        for name, layer in layers.items():
+            src = source[f"{name}.weight"].view(torch.uint8)
+            assert torch.equal(layer.weight_fp8[: layer.out_features].view(torch.uint8), src)
+        with torch.no_grad():
+            got = float(imported(input_ids=ids, labels=ids).loss)
+        # FP8 weights and activations move SmolLM2's loss by a few percent; a wrong scale or layout moves it by
+        # far more (a block scale applied to the wrong rows turns the model into noise: loss ~10).
+        assert abs(got - want) / want < 0.05, (scheme, got, want)
