@@ -9,11 +9,8 @@ block-wise scaling for that shape): then the block rows measure that fallback, n
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
-from layer_bench import _fwd_bwd, _time_ms
+from layer_bench import _fwd_bwd, _time_ms, main
 from torch import nn
 
 from falqon_lit.config import FalqonConfig, GemmRole, ScaleGranularity
@@ -72,35 +69,10 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float | boo
                     layer.lora_B.normal_(0, 1e-3)
             row[f"falqon_w{ws.value}_B{b_state}"] = _time_ms(_fwd_bwd(layer, x, grad))
     row["fallback"] = bool(block_gemm._REFUSED)
+    if block_gemm._REFUSED:
+        print(f"block-wise kernel refused {sorted(block_gemm._REFUSED)}: those GEMMs ran the float32 fallback")
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="8192")
-    parser.add_argument("--shapes", default="4096x4096,4096x11008")
-    parser.add_argument("--ranks", default="64")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    results = []
-    for tokens in map(int, args.tokens.split(",")):
-        for shape in args.shapes.split(","):
-            k, n = map(int, shape.split("x"))
-            for rank in map(int, args.ranks.split(",")):
-                row = bench_shape(tokens, k, n, rank)
-                results.append({"tokens": tokens, "in": k, "out": n, "rank": rank, **row})
-                floor = row["block_fp8_gemm_floor"]
-                print(f"\n{tokens} tokens, {k}->{n}, r={rank} ({torch.cuda.get_device_name()}); "
-                      f"block-wise fallback: {row['fallback']} {sorted(block_gemm._REFUSED)}")  # fmt: skip
-                for name, ms in row.items():
-                    if name != "fallback":
-                        print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x block floor")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1
-            )
-
-
 if __name__ == "__main__":
-    main()
+    main(bench_shape, "block_fp8_gemm_floor", __doc__)

@@ -98,8 +98,11 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(bench=None, floor_name: str = "fp8_gemm_floor", description: str = __doc__) -> None:
+    """Run ``bench(tokens, in, out, rank)`` (default :func:`bench_shape`) over the CLI's shapes; times relative to the
+    row ``floor_name``."""
+    bench = bench or bench_shape
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--tokens", default="8192")
     parser.add_argument("--shapes", default="4096x4096,4096x11008")
     parser.add_argument("--ranks", default="64")
@@ -110,12 +113,13 @@ def main() -> None:
         for shape in args.shapes.split(","):
             k, n = map(int, shape.split("x"))
             for rank in map(int, args.ranks.split(",")):
-                row = bench_shape(tokens, k, n, rank)
+                row = bench(tokens, k, n, rank)
                 results.append({"tokens": tokens, "in": k, "out": n, "rank": rank, **row})
-                floor = row["fp8_gemm_floor"]
+                floor = row[floor_name]
                 print(f"\n{tokens} tokens, {k}->{n}, r={rank} ({torch.cuda.get_device_name()})")
                 for name, ms in row.items():
-                    print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x floor")
+                    if isinstance(ms, float):  # other entries (flags) go to the JSON only
+                        print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x floor")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -9,7 +9,6 @@ proxy update never touched leaves with the source's bytes and scale. The manifes
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,13 +21,7 @@ from falqon_lit.fp8_checkpoint import Fp8Checkpoint, Fp8SourceLinear
 from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
-from .hf_folder import (
-    high_precision_state_dict,
-    tensor_facts,
-    write_config,
-    write_safetensors,
-    write_tokenizer_and_generation_config,
-)
+from .hf_folder import high_precision_state_dict
 
 
 def _source_shapes(source: Fp8Checkpoint) -> dict[str, list[int]]:
@@ -75,19 +68,14 @@ def fp8_source_tensors(model: nn.Module, source: Fp8Checkpoint, dtype: torch.dty
     return tensors
 
 
-def write_fp8_source_format(
-    model: nn.Module, tokenizer: Any, folder: Path, dtype: torch.dtype, source: Fp8Checkpoint
-) -> dict[str, Any]:
-    """Write the model in its source checkpoint's format into ``folder``; returns the manifest facts."""
+def fp8_source_export(
+    model: nn.Module, source: Fp8Checkpoint, dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """What the export writes for a model imported from ``source``: ``(quantization_config, tensors, facts)``."""
     fp8 = fp8_source_tensors(model, source, dtype)
-    hp = {k: v for k, v in high_precision_state_dict(model, dtype).items() if k not in fp8}
-    prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in fp8 if n.endswith(".weight"))
-    tensors = {**{k: v for k, v in hp.items() if not k.startswith(prefixes)}, **fp8}
-    write_config(model, folder, dtype, source.quantization_config)
-    write_tokenizer_and_generation_config(model, tokenizer, folder)
-    write_safetensors(tensors, folder)
-    return {
-        "tensors": tensor_facts(tensors),
+    prefixes = tuple(n.removesuffix("weight") for n in fp8 if n.endswith(".weight"))
+    hp = {k: v for k, v in high_precision_state_dict(model, dtype).items() if not k.startswith(prefixes)}
+    facts = {
         "vllm": {
             "source_format": source.format,
             "weight_scaling": source.weight_scaling.value,
@@ -97,3 +85,4 @@ def write_fp8_source_format(
         },
         "source_checkpoint": {"folder": str(source.folder), "sha256": source.file_hashes()},
     }
+    return source.quantization_config, {**hp, **fp8}, facts

@@ -242,22 +242,23 @@ def write_vllm(
     """
     source = getattr(model, "falqon_fp8_source", None)
     if source is not None:  # imported from an FP8 checkpoint: its own format and scheme go back out
-        from .fp8_source import write_fp8_source_format
+        from .fp8_source import fp8_source_export
 
-        return write_fp8_source_format(model, tokenizer, folder, dtype, source)
-    plan = plan_vllm_export(model, weight_strategy)
-    quantization_config = quantization_config_dict(plan)
-    tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+        quantization_config, tensors, facts = fp8_source_export(model, source, dtype)
+    else:
+        plan = plan_vllm_export(model, weight_strategy)
+        quantization_config = quantization_config_dict(plan)
+        tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+        facts = {
+            "vllm": {
+                "weight_strategy": plan.weight_strategy,
+                "input_activations": plan.act_strategy,
+                "ignore": plan.ignore,
+                "reason": plan.reason,
+                "fp8_layers": len(falqon_layers(model)),
+            },
+        }
     write_config(model, folder, dtype, quantization_config)
     write_tokenizer_and_generation_config(model, tokenizer, folder)
     write_safetensors(tensors, folder)
-    return {
-        "tensors": tensor_facts(tensors),
-        "vllm": {
-            "weight_strategy": plan.weight_strategy,
-            "input_activations": plan.act_strategy,
-            "ignore": plan.ignore,
-            "reason": plan.reason,
-            "fp8_layers": len(falqon_layers(model)),
-        },
-    }
+    return {"tensors": tensor_facts(tensors), **facts}
