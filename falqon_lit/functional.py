@@ -123,7 +123,7 @@ class FalqonLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_b = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
 
-        # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
+        # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM (E4M3 × E4M3 with 1 × 128 gradient groups).
         if ctx.needs_input_grad[0]:
             if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False)
                 weight_t_fp8 = transposed(weight_fp8)

@@ -43,7 +43,7 @@ def grad_lora_B(layer: FalqonLinear, x: torch.Tensor, grad_y: torch.Tensor) -> t
 
 def grad_input(layer: FalqonLinear, grad_y: torch.Tensor, residual: bool) -> torch.Tensor:
     """``deq(Q_e5m2([g | g B] ⊙ s)) · [W_fp8; A_fp8]`` (row scales folded into g), float64 after quantization;
-    block scales stay with the weight: ``deq(Q_e5m2([g | g B])) · deq([W; A])``."""
+    block scales stay with the weight: ``deq(Q([g | g B])) · deq([W; A])``, with E4M3 for 1 × 128 gradient groups."""
     n = layer.out_features
     g = grad_y.reshape(-1, n)
     rows = n + layer.rank if residual else n
@@ -58,7 +58,8 @@ def grad_input(layer: FalqonLinear, grad_y: torch.Tensor, residual: bool) -> tor
         w_scale = torch.ones((), dtype=torch.float64)
     else:
         w_scale = layer.weight_scale.double()
-    g_fp8, g_scale = quantize_dynamic(g, E5M2, layer.config.act_scaling)
+    grad_dtype = E4M3 if layer.config.act_scaling == ScaleGranularity.BLOCK else E5M2  # DeepSeek-V3: E4M3 in groups
+    g_fp8, g_scale = quantize_dynamic(g, grad_dtype, layer.config.act_scaling)
     return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_y.shape[:-1], -1)
 
 

@@ -83,7 +83,7 @@ def grad_input_mm(
     the block-wise GEMM applies them per (K-block, N-block) instead.
 
     Args:
-        grad: ``Q_e5m2([g | g B])`` with 1 × 128 group scales (block-wise kernel) or any other scale (fallback).
+        grad: ``Q([g | g B])``, E4M3 with 1 × 128 group scales (block-wise kernel), or any other scale (fallback).
         weight_t: ``W'ᵀ`` ``(N, K)`` row-major (the stored transpose, or its column slice).
         weight_scale: row-expanded block scale of ``W'`` ``(K, ceil(N / 128))``.
         out_dtype: dtype of ``grad_x``.

@@ -34,7 +34,8 @@ class Float8Quantizer:
     """Current-scaling quantizer for one GEMM operand role.
 
     Args:
-        role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision).
+        role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision), except
+            with ``block`` groups, where every role is E4M3.
         granularity: one scale per tensor, one per row (token or output channel), or one per 1 × 128 group of a row
             (``block``; 128 × 128 weight blocks are built by ``numerics.quantize_weight``).
         backend: ``te`` quantizes with Transformer Engine's kernels (tensor scales only); any other backend with
@@ -47,8 +48,9 @@ class Float8Quantizer:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The FP8 format for this role."""
-        return _ROLE_DTYPE[self.role]
+        """The FP8 format for this role; E4M3 for every role with 1 × 128 groups (DeepSeek-V3 §3.3.2: fine-grained
+        scales give gradients the range, so they keep E4M3's precision, and block-wise GEMMs take E4M3 operands)."""
+        return E4M3 if self.granularity == ScaleGranularity.BLOCK else _ROLE_DTYPE[self.role]
 
     def __call__(
         self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None, tail: torch.Tensor | None = None
