@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -176,10 +177,15 @@ class Fp8SourceLinear(nn.Module):
     def to_falqon(self, config: FalqonConfig, name: str = "") -> FalqonLinear:
         """A ``FalqonLinear`` whose ``W`` rows are this layer's bytes and scales, and ``A`` random rows of its own
         (its own row or block scales; with a tensor scale, quantized with ``W``'s scale)."""
-        config = replace(
-            config, weight_scaling=self.source.weight_scaling, act_scaling=self.source.act_scaling,
-            init=InitMethod.RANDOM,
-        )  # fmt: skip
+        kept = (self.source.weight_scaling, self.source.act_scaling)
+        if (config.weight_scaling, config.act_scaling) != kept:
+            warnings.warn(
+                f"--model {str(self.source.folder)!r} is FP8 with {kept[0].value} weight and {kept[1].value} "
+                f"activation scales: they replace weight_scaling={config.weight_scaling.value!r}, "
+                f"act_scaling={config.act_scaling.value!r} (the checkpoint's bytes are kept as they are)",
+                stacklevel=2,
+            )
+        config = replace(config, weight_scaling=kept[0], act_scaling=kept[1], init=InitMethod.RANDOM)
         device = self.weight_fp8.device
         lora_dtype = torch.float32 if self.bias is None or self.bias.dtype != torch.float64 else torch.float64
         try:

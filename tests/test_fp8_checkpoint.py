@@ -61,8 +61,9 @@ def test_detect_fp8_checkpoint_ignores_plain_folders(tmp_path):
 def test_import_keeps_source_bytes_and_scales_exactly(fp8_folder):
     source = _source_tensors(fp8_folder)
     scale_key = "weight_scale_inv" if fp8_folder.name.startswith("fp8") else "weight_scale"
-    # The user's config asks for row scales: the checkpoint's scheme wins.
-    model = _imported(fp8_folder, weight_scaling="row", act_scaling="row")
+    # The user's config asks for another scheme than any source has: the checkpoint's scheme wins, with a warning.
+    with pytest.warns(UserWarning, match="they replace weight_scaling='tensor', act_scaling='row'"):
+        model = _imported(fp8_folder, weight_scaling="tensor", act_scaling="row")
     layers = falqon_layers(model)
     assert len(layers) == 14  # 7 projections × 2 blocks
     weight_scaling, act_scaling = EXPECTED[fp8_folder.name]
