@@ -9,19 +9,21 @@ proxy update never touched leaves with the source's bytes and scale. The manifes
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from falqon_lit.config import ScaleGranularity
+from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
 from falqon_lit.fp8.numerics import compact_block_scale
 from falqon_lit.fp8_checkpoint import Fp8Checkpoint, Fp8SourceLinear
 from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
 from .hf_folder import high_precision_state_dict
+from .verify import Sample
 
 
 def _source_shapes(source: Fp8Checkpoint) -> dict[str, list[int]]:
@@ -86,3 +88,27 @@ def fp8_source_export(
         "source_checkpoint": {"folder": str(source.folder), "sha256": source.file_hashes()},
     }
     return source.quantization_config, {**hp, **fp8}, facts
+
+
+def cpu_readback_reference(model: nn.Module, samples: list[Sample]) -> tuple[list[Sample], str | None]:
+    """The reference transformers' CPU read-back of a vllm export is compared with, or why it cannot run.
+
+    A native fp8 folder runs weight-only in transformers on CPU (``W`` dequantized, float activations): its reference
+    is the trainer's FP8 weights with float activations. compressed-tensors quantizes 1 × 128 activation groups only
+    when a layer's input width divides by 128 (SmolLM2's 576 does not), so such a block export's logits cannot be
+    read back on CPU at all; vLLM on a GPU host is then the only runtime check.
+    """
+    source = getattr(model, "falqon_fp8_source", None)
+    if source is not None and source.format == "fp8":
+        return [dataclasses.replace(s, logits=s.logits_float_act) for s in samples], None
+    ragged = [
+        f"{name} (in {layer.in_features})"
+        for name, layer in falqon_layers(model).items()
+        if layer.config.act_scaling == ScaleGranularity.BLOCK and layer.in_features % SCALE_BLOCK
+    ]
+    if ragged:
+        return samples, (
+            f"logits not compared: compressed-tensors quantizes 1x128 activation groups only for input widths that "
+            f"divide by 128, and {len(ragged)} layers do not (first: {ragged[0]}); bytes checked"
+        )
+    return samples, None

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from falqon_lit.layer import falqon_layers
 
+from .fp8_source import cpu_readback_reference
 from .hf_folder import high_precision_state_dict
 from .onnx_graph import ONNX_FILE
 from .standin import Precision
@@ -142,17 +142,13 @@ def verify_vllm_folder(
 ) -> list[VerifyResult]:
     """transformers + compressed-tensors on CPU (gating; exact where it can be), then vLLM where it can run."""
     exact = _exact_on_cpu(model, dtype)
-    source = getattr(model, "falqon_fp8_source", None)
-    if source is not None and source.format == "fp8":
-        # transformers runs a native fp8 folder weight-only on CPU (W dequantized, float activations): its reference
-        # is the trainer's FP8 weights with float activations.
-        samples = [dataclasses.replace(s, logits=s.logits_float_act) for s in samples]
-    result = compare(
-        samples,
-        transformers_candidate(folder),
-        "transformers + compressed-tensors (CPU)",
-        EXACT if exact else fp8_tolerance(samples, _rounding_note(model, dtype)),
-    )
+    samples, not_comparable = cpu_readback_reference(model, samples)
+    backend = "transformers + compressed-tensors (CPU)"
+    tolerance = EXACT if exact else fp8_tolerance(samples, _rounding_note(model, dtype))
+    if not_comparable:  # the bytes still gate the export
+        result = VerifyResult(backend, tolerance, notes=[not_comparable])
+    else:
+        result = compare(samples, transformers_candidate(folder), backend, tolerance)
     result.bytes_identical = vllm_bytes_identical(folder, model)
     return [result, vllm_engine_check(folder, samples)]
 

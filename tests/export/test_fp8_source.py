@@ -144,3 +144,16 @@ def test_fp8_checkpoint_exports_its_format_from_a_lightning_checkpoint(tiny_trai
         assert torch.equal(
             out[f"{name}.weight"].view(torch.uint8), layer.weight_fp8[: layer.out_features].view(torch.uint8)
         )
+
+
+def test_block_export_with_input_widths_off_the_128_grid_checks_bytes_only(tiny_chat_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from falqon_lit import FalqonConfig, convert_model
+
+    model = _bf16_valued(tiny_llama(hidden_size=192, intermediate_size=320))  # SmolLM2-like: 192 = 1.5 × 128
+    convert_model(model, FalqonConfig(rank=16, weight_scaling="block", act_scaling="block"))
+    report = export_model(model, AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir), "vllm", tmp_path / "out")
+    readback = report.results[0]
+    assert readback.passed and readback.bytes_identical == (14, 14)
+    assert readback.notes[0].startswith("logits not compared: compressed-tensors quantizes 1x128 activation groups")
