@@ -88,8 +88,9 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float]:
     linear.to(torch.bfloat16)
     row["falqon_eager_quant"] = _time_ms(_fwd_bwd(eager, x, grad))
     triton_quantize.triton = triton_module
-    for ws in ScaleGranularity:
-        for act in ScaleGranularity:
+    per_row = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)  # block scales: benchmarks/block_bench.py
+    for ws in per_row:
+        for act in per_row:
             cfg = FalqonConfig(rank=rank, weight_scaling=ws, act_scaling=act)
             layer = FalqonLinear.from_linear(linear.float(), cfg).to(torch.bfloat16)
             linear.to(torch.bfloat16)
@@ -146,12 +147,16 @@ def bench_group(tokens: int, k: int, outs: list[int], rank: int) -> dict[str, fl
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(bench=None, floor_name: str = "fp8_gemm_floor", description: str = __doc__) -> None:
+    """Run ``bench(tokens, in, out, rank)`` (default :func:`bench_shape`) over the CLI's shapes; times relative to the
+    row ``floor_name``."""
+    bench = bench or bench_shape
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--tokens", default="8192")
     parser.add_argument("--shapes", default="4096x4096,4096x11008")
     parser.add_argument("--ranks", default="64")
-    parser.add_argument("--groups", default="4096x4096+4096+4096,4096x11008+11008")
+    groups = "4096x4096+4096+4096,4096x11008+11008" if bench is bench_shape else ""  # grouped q/k/v, gate/up
+    parser.add_argument("--groups", default=groups)
     parser.add_argument("--json", "--out", default=None)
     args = parser.parse_args()
     results = []
@@ -159,12 +164,13 @@ def main() -> None:
         for shape in args.shapes.split(","):
             k, n = map(int, shape.split("x"))
             for rank in map(int, args.ranks.split(",")):
-                row = bench_shape(tokens, k, n, rank)
+                row = bench(tokens, k, n, rank)
                 results.append({"tokens": tokens, "in": k, "out": n, "rank": rank, **row})
-                floor = row["fp8_gemm_floor"]
+                floor = row[floor_name]
                 print(f"\n{tokens} tokens, {k}->{n}, r={rank} ({torch.cuda.get_device_name()})")
                 for name, ms in row.items():
-                    print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x floor")
+                    if isinstance(ms, float):  # other entries (flags) go to the JSON only
+                        print(f"  {name:28s} {ms:8.3f} ms  {ms / floor:5.2f}x floor")
     for tokens in map(int, args.tokens.split(",")):
         for spec in filter(None, args.groups.split(",")):
             k, outs = spec.split("x")

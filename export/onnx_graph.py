@@ -30,8 +30,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from falqon_lit.config import ScaleGranularity
 from falqon_lit.experts import routed_experts
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
 from .hf_folder import write_tokenizer_and_generation_config
@@ -169,6 +170,12 @@ def write_onnx(
     if opset < ONNX_OPSET:
         raise ExportError(
             f"FP8 DequantizeLinear needs ONNX opset >= {ONNX_OPSET}, got {opset}; use --opset {ONNX_OPSET}"
+        )
+    blocked = [n for n, m in falqon_layers(model).items() if m.config.weight_scaling == ScaleGranularity.BLOCK]
+    if blocked:
+        raise ExportError(
+            f"--target onnx writes per-tensor or per-row FP8 scales, but {len(blocked)} layers (first: {blocked[0]!r}) "
+            "have 128x128 block scales; export them with --target vllm (or hf)"
         )
     traced_dir = folder / "_traced"
     traced_dir.mkdir()

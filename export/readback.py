@@ -23,6 +23,7 @@ from torch import nn
 
 from falqon_lit.layer import falqon_layers
 
+from .fp8_source import cpu_readback_reference, weight_only_readback
 from .hf_folder import checkpoint_name, high_precision_state_dict
 from .onnx_graph import ONNX_FILE
 from .standin import Precision
@@ -153,16 +154,23 @@ def verify_vllm_folder(
 ) -> list[VerifyResult]:
     """transformers + compressed-tensors on CPU, then vLLM where it can run.
 
-    Where the arithmetic can be exact (CPU, no bias), the gate is bytes and arithmetic: the trained FP8 bytes in the
-    file, and the folder's logits bit for bit those of the model as exported. The comparison with the unrounded
-    trainer, bound by FP8-amplified noise (bf16 rounding of embeddings/norms/lm_head flips near-tied activations and
-    tokens), is then reported as information. Otherwise that noise-bound comparison is the gate.
+    Where the arithmetic can be exact (CPU, no bias, FP8 activations as trained), the gate is bytes and arithmetic:
+    the trained FP8 bytes in the file, and the folder's logits bit for bit those of the model as exported. The
+    comparison with the unrounded trainer, bound by FP8-amplified noise (bf16 rounding of embeddings/norms/lm_head
+    flips near-tied activations and tokens), is then reported as information. Otherwise that noise-bound comparison
+    is the gate. A folder whose logits transformers cannot reproduce on CPU (see ``cpu_readback_reference``) is
+    gated by its bytes alone.
     """
-    candidate = _memoized(transformers_candidate(folder))
     backend = "transformers + compressed-tensors (CPU)"
-    noise = compare(samples, candidate, backend, fp8_tolerance(samples, _rounding_note(model, dtype)))
+    samples, not_comparable = cpu_readback_reference(model, samples)
+    tolerance = fp8_tolerance(samples, _rounding_note(model, dtype))
+    if not_comparable:
+        noise = VerifyResult(backend, tolerance, notes=[not_comparable])
+    else:
+        candidate = _memoized(transformers_candidate(folder))
+        noise = compare(samples, candidate, backend, tolerance)
     noise.bytes_identical = vllm_bytes_identical(folder, model)
-    if not _exact_on_cpu(model):
+    if not_comparable or weight_only_readback(model) or not _exact_on_cpu(model):
         return [noise, vllm_engine_check(folder, samples)]
     exact = compare(as_exported(model, samples, dtype), candidate, backend, EXACT)
     exact.bytes_identical = noise.bytes_identical

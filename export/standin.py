@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from falqon_lit.config import ScaleGranularity
+from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
 from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
@@ -71,6 +71,19 @@ class _Fp8RoundTrip(torch.autograd.Function):
         return g.op("Cast", x_back, to_i=TensorProto.DOUBLE) if dtype == torch.float64 else x_back
 
 
+def _activation_amax(x: torch.Tensor, scaling: ScaleGranularity) -> torch.Tensor:
+    """amax per tensor, per token, or per 1 × 128 group of a token (broadcast back over the group's columns)."""
+    if scaling == ScaleGranularity.TENSOR:
+        return x.abs().amax()
+    if scaling == ScaleGranularity.ROW:
+        return x.abs().amax(dim=-1, keepdim=True)
+    cols = x.shape[-1]
+    groups = -(-cols // SCALE_BLOCK)
+    padded = nn.functional.pad(x.abs(), (0, groups * SCALE_BLOCK - cols))  # zeros never raise an amax
+    group_amax = padded.unflatten(-1, (groups, SCALE_BLOCK)).amax(dim=-1)
+    return group_amax.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :cols]
+
+
 class _DequantLinear(nn.Module):
     """Export-time stand-in for a ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ + bias`` in float32 or float64."""
 
@@ -81,13 +94,13 @@ class _DequantLinear(nn.Module):
         self.register_buffer("weight_t", layer.dequantized_weight(torch.float32).t().contiguous().to(dtype))
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
-        self.per_token = layer.config.act_scaling == ScaleGranularity.ROW
+        self.act_scaling = layer.config.act_scaling
         self.round_input = activations == ActivationMode.FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input:
             # Same arithmetic as numerics.quantize_dynamic: scale = max(amax, eps) / 448, x / scale saturated.
-            amax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax()
+            amax = _activation_amax(x, self.act_scaling)
             scale = amax.clamp(min=AMAX_EPS) / fp8_max(E4M3)
             x = _Fp8RoundTrip.apply((x / scale).clamp(-fp8_max(E4M3), fp8_max(E4M3))) * scale
         y = x @ self.weight_t

@@ -28,6 +28,7 @@ from torch import nn
 
 from falqon_lit.config import ScaleGranularity
 from falqon_lit.experts import routed_experts, routers
+from falqon_lit.fp8.numerics import compact_block_scale
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
@@ -61,9 +62,9 @@ class VllmPlan:
     """What the vLLM export writes, decided from the model before any file is touched."""
 
     weight_strategy: str
-    """``tensor`` or ``channel``."""
+    """``tensor``, ``channel`` or ``block``."""
     act_strategy: str
-    """``tensor`` or ``token`` (dynamic)."""
+    """``tensor``, ``token`` or ``group`` (dynamic)."""
     ignore: list[str] = field(default_factory=list)
     """Layers left in high precision: ``lm_head`` and every linear that is not a FALQON layer."""
     reason: str = ""
@@ -125,6 +126,8 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
             )
     ignore = _high_precision_modules(model)
 
+    if w_scaling == ScaleGranularity.BLOCK:
+        return VllmPlan("block", _act_strategy(a_scaling), ignore, "block scales export as the 128x128 block strategy")
     if w_scaling == ScaleGranularity.ROW:
         if weight_strategy == WeightStrategy.TENSOR:
             raise ExportError(
@@ -174,7 +177,7 @@ def _high_precision_modules(model: nn.Module) -> list[str]:
 
 
 def _act_strategy(scaling: ScaleGranularity) -> str:
-    return "token" if scaling == ScaleGranularity.ROW else "tensor"
+    return {ScaleGranularity.ROW: "token", ScaleGranularity.BLOCK: "group"}.get(scaling, "tensor")
 
 
 def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
@@ -182,10 +185,20 @@ def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.weight_strategy, symmetric=True, dynamic=False
+            num_bits=8,
+            type="float",
+            strategy=plan.weight_strategy,
+            symmetric=True,
+            dynamic=False,
+            block_structure=[128, 128] if plan.weight_strategy == "block" else None,
         ),
         input_activations=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.act_strategy, symmetric=True, dynamic=True
+            num_bits=8,
+            type="float",
+            strategy=plan.act_strategy,
+            symmetric=True,
+            dynamic=True,
+            group_size=128 if plan.act_strategy == "group" else None,
         ),
     )
     return QuantizationConfig(
@@ -215,6 +228,8 @@ def fp8_tensors(model: nn.Module, plan: VllmPlan, dtype: torch.dtype) -> dict[st
         scale = layer.weight_scale_rows.detach().float().cpu()
         if plan.weight_strategy == "channel":
             scale = scale.reshape(-1, 1).expand(layer.out_features, 1)  # (out, 1), a tensor scale repeated
+        elif plan.weight_strategy == "block":
+            scale = compact_block_scale(scale)  # (ceil(out / 128), ceil(in / 128))
         tensors[f"{name}.weight"] = layer.weight_fp8[: layer.out_features].detach().cpu().clone()
         tensors[f"{name}.weight_scale"] = scale.contiguous().clone()
         if layer.bias is not None:
@@ -237,19 +252,26 @@ def write_vllm(
     Returns:
         Manifest facts: tensors written, scheme and the reason for the weight strategy.
     """
-    plan = plan_vllm_export(model, weight_strategy)
-    quantization_config = quantization_config_dict(plan)
-    tensors = checkpoint_names(model, {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)})
+    source = getattr(model, "falqon_fp8_source", None)
+    if source is not None:  # imported from an FP8 checkpoint: its own format and scheme go back out
+        from .fp8_source import fp8_source_export
+
+        quantization_config, tensors, facts = fp8_source_export(model, source, dtype)
+    else:
+        plan = plan_vllm_export(model, weight_strategy)
+        quantization_config = quantization_config_dict(plan)
+        tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+        tensors = checkpoint_names(model, tensors)
+        facts = {
+            "vllm": {
+                "weight_strategy": plan.weight_strategy,
+                "input_activations": plan.act_strategy,
+                "ignore": plan.ignore,
+                "reason": plan.reason,
+                "fp8_layers": len(falqon_layers(model)),
+            },
+        }
     write_config(model, folder, dtype, quantization_config)
     write_tokenizer_and_generation_config(model, tokenizer, folder)
     write_safetensors(tensors, folder)
-    return {
-        "tensors": tensor_facts(tensors),
-        "vllm": {
-            "weight_strategy": plan.weight_strategy,
-            "input_activations": plan.act_strategy,
-            "ignore": plan.ignore,
-            "reason": plan.reason,
-            "fp8_layers": len(falqon_layers(model)),
-        },
-    }
+    return {"tensors": tensor_facts(tensors), **facts}

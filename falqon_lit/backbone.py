@@ -130,8 +130,17 @@ def load_tokenizer(spec: BackboneSpec) -> Tokenizer:
 
 
 def load_model(spec: BackboneSpec, dtype: torch.dtype, init_seed: int = 0) -> PreTrainedModel:
-    """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG)."""
+    """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG).
+
+    An FP8 checkpoint folder keeps its FP8 linears as stored, for ``convert_model`` to take their bytes as they are
+    (:mod:`falqon_lit.fp8_checkpoint`).
+    """
     if spec.weights is not None:
+        from falqon_lit.fp8_checkpoint import detect_fp8_checkpoint, load_fp8_model
+
+        source = detect_fp8_checkpoint(spec.weights)
+        if source is not None:
+            return load_fp8_model(source, dtype, init_seed)
         return AutoModelForCausalLM.from_pretrained(spec.weights, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)

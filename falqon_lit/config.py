@@ -32,6 +32,9 @@ class ScaleGranularity(str, enum.Enum):
     """One scale for the whole tensor (the paper's choice for ``[W; A]``)."""
     ROW = "row"
     """One scale per row: per output channel for weights, per token for activations."""
+    BLOCK = "block"
+    """One scale per 128 × 128 block of a weight and per 1 × 128 group of a token (the DeepSeek-V3 recipe of
+    compressed-tensors ``FP8_BLOCK`` and native ``fp8`` checkpoints with ``weight_block_size: [128, 128]``)."""
 
 
 class InitMethod(str, enum.Enum):
@@ -93,6 +96,9 @@ class GemmRole(str, enum.Enum):
 FP8_GEMM_ALIGNMENT = 16
 """FP8 tensor-core GEMMs need every dimension divisible by this."""
 
+SCALE_BLOCK = 128
+"""Edge of a ``block`` scale: weights get one scale per 128 × 128 block, activations one per 1 × 128 group."""
+
 
 @dataclass(frozen=True)
 class FalqonConfig:
@@ -110,11 +116,13 @@ class FalqonConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     """Name suffixes never converted (kept in high precision)."""
     weight_scaling: ScaleGranularity = ScaleGranularity.ROW
-    """Scale granularity of the FP8 weight ``[W; A]``: ``row`` (per output channel; default) or ``tensor`` (paper).
-    Equal quality in the study (benchmarks/RESULTS.md); row is what vLLM serves with per-token inputs."""
+    """Scale granularity of the FP8 weight ``[W; A]``: ``row`` (per output channel; default), ``tensor`` (paper) or
+    ``block`` (128 × 128 blocks; ``A`` gets blocks of its own). Row and tensor: equal quality in the study
+    (benchmarks/RESULTS.md); row is what vLLM serves with per-token inputs; block is what published FP8_BLOCK
+    checkpoints hold."""
     act_scaling: ScaleGranularity = ScaleGranularity.ROW
     """Dynamic scale granularity of activations and gradients: ``row`` (per token; default, as vLLM serves FP8
-    inputs) or ``tensor`` (paper)."""
+    inputs), ``tensor`` (paper) or ``block`` (per 1 × 128 group of a token, as FP8_BLOCK checkpoints serve)."""
     init: InitMethod = InitMethod.SVD
     """Initialisation of ``A``: ``svd`` of the quantization error, or ``random``."""
     b_policy: BPolicy = BPolicy.KEEP
@@ -163,12 +171,13 @@ class FalqonConfig:
                 f"rank must be a positive multiple of {FP8_GEMM_ALIGNMENT} (FP8 GEMMs need out_features + rank "
                 f"divisible by {FP8_GEMM_ALIGNMENT}), got {self.rank!r}"
             )
-        row_scaled = [n for n in ("weight_scaling", "act_scaling") if getattr(self, n) == ScaleGranularity.ROW]
-        if self.backend == Backend.TE and row_scaled:
+        finer = [n for n in ("weight_scaling", "act_scaling") if getattr(self, n) != ScaleGranularity.TENSOR]
+        if self.backend == Backend.TE and finer:
             problems.append(
                 f"backend 'te' needs tensor scaling (Transformer Engine's FP8 tensors carry one scale), but "
-                f"{' and '.join(row_scaled)} {'is' if len(row_scaled) == 1 else 'are'} 'row'; set them to 'tensor' "
-                f"or use backend 'torch'"
+                f"{' and '.join(finer)} {'is' if len(finer) == 1 else 'are'} "
+                f"{' and '.join(repr(getattr(self, n).value) for n in finer)}; set them to 'tensor' or use backend "
+                f"'torch'"
             )
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             problems.append(f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")

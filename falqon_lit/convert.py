@@ -13,6 +13,7 @@ from torch import nn
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
 from falqon_lit.experts import experts_note
 from falqon_lit.fp8 import te_backend
+from falqon_lit.fp8_checkpoint import Fp8SourceLinear
 from falqon_lit.grouped import GroupedFalqonLinear, ProjectionGroup, grouping_problem, plan_groups
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
@@ -95,7 +96,7 @@ def convert_model(
     if config.backend == Backend.TE:
         te_backend.require()  # fail before converting anything, not at the first forward
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8SourceLinear))]
     if config.target_modules is not None:
         unknown = [t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in linears)]
         if unknown:
@@ -124,11 +125,18 @@ def convert_model(
             continue
         report.converted.append(name)
     linear_by_name = dict(linears)
-    groups, report.ungrouped = plan_groups(model, report.converted) if group_projections else ([], {})
+    # An FP8 checkpoint's layers keep their own bytes and scales, one layer each (grouping would restack them).
+    groupable = [n for n in report.converted if not isinstance(linear_by_name[n], Fp8SourceLinear)]
+    groups, report.ungrouped = plan_groups(model, groupable) if group_projections else ([], {})
     in_group = {name for group in groups for name in group}
     for name in report.converted:
-        cls = GroupedFalqonLinear if name in in_group else FalqonLinear
-        model.set_submodule(name, cls.from_linear(linear_by_name[name], config, name=name))
+        linear = linear_by_name[name]
+        if isinstance(linear, Fp8SourceLinear):
+            layer = linear.to_falqon(config, name=name)
+        else:
+            cls = GroupedFalqonLinear if name in in_group else FalqonLinear
+            layer = cls.from_linear(linear, config, name=name)
+        model.set_submodule(name, layer)
     for names in groups:
         _group(model, names, report)
     for label, reason in report.ungrouped.items():

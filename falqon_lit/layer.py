@@ -4,7 +4,8 @@ Stored state (buffers, not Parameters, so no optimizer ever sees them):
 
 - ``weight_fp8`` ``(out + r, in)`` E4M3: the melded ``[W; A]``; ``weight_t_fp8`` ``(in, out + r)`` its row-major
   transpose for the backward GEMM (rebuilt on load, never saved; ``None`` with ``transpose_cache=False``);
-- ``weight_scale``: ``(1,)`` tensor scale or ``(out + r, 1)`` row scales;
+- ``weight_scale``: ``(1,)`` tensor scale, ``(out + r, 1)`` row scales, or ``(out + r, ceil(in / 128))`` block
+  scales in row-expanded form (``A``'s rows start a block row of their own, so no block mixes ``W`` and ``A``);
 - ``merge_*`` counters of the row-wise proxy update.
 
 The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is frozen.
@@ -22,7 +23,7 @@ from torch import nn
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
-from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, dequantize, group_count, quantize_weight
 from falqon_lit.functional import FalqonLinearFunction
 from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import merge_bits, merge_rows, select_rows
@@ -44,7 +45,7 @@ def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> tor
         lora_A = torch.empty(rank, weight.shape[1], device=weight.device)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's LoRA A init
         return alpha_scale * lora_A
-    w_fp8, w_scale = quantize_dynamic(weight, E4M3, config.weight_scaling)
+    w_fp8, w_scale = quantize_weight(weight, config.weight_scaling)
     error = weight - dequantize(w_fp8, w_scale)  # (out, in)
     _, s, vh = torch.linalg.svd(error, full_matrices=False)
     return alpha_scale * s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
@@ -90,7 +91,11 @@ class FalqonLinear(nn.Module):
             )
         self.in_features, self.out_features, self.rank, self.config = in_features, out_features, config.rank, config
         rows = out_features + config.rank
-        scale_shape = (rows, 1) if config.weight_scaling == ScaleGranularity.ROW else (1,)
+        scale_shape = {
+            ScaleGranularity.TENSOR: (1,),
+            ScaleGranularity.ROW: (rows, 1),
+            ScaleGranularity.BLOCK: (rows, group_count(in_features)),
+        }[config.weight_scaling]
         self.register_buffer("weight_fp8", torch.zeros(rows, in_features, dtype=E4M3, device=device))
         weight_t = torch.zeros(in_features, rows, dtype=E4M3, device=device) if config.transpose_cache else None
         self.register_buffer("weight_t_fp8", weight_t, persistent=False)
@@ -137,9 +142,15 @@ class FalqonLinear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight_hp: torch.Tensor, lora_A_hp: torch.Tensor) -> None:
-        """Quantize ``[W; A]`` into the FP8 buffers with a fresh scale (tensor or per row)."""
-        melded = torch.cat([weight_hp.float(), lora_A_hp.float()], dim=0)  # (out + r, in)
-        data, scale = quantize_dynamic(melded, E4M3, self.config.weight_scaling)
+        """Quantize ``[W; A]`` into the FP8 buffers with a fresh scale (tensor, per row, or per block)."""
+        if self.config.weight_scaling == ScaleGranularity.BLOCK:
+            # A's rows start a block row of their own: a block never mixes W's scale with A's.
+            (w_fp8, w_scale), (a_fp8, a_scale) = (quantize_weight(t.float(), ScaleGranularity.BLOCK)
+                                                  for t in (weight_hp, lora_A_hp))  # fmt: skip
+            data, scale = torch.cat([w_fp8, a_fp8]), torch.cat([w_scale, a_scale])
+        else:
+            melded = torch.cat([weight_hp.float(), lora_A_hp.float()], dim=0)  # (out + r, in)
+            data, scale = quantize_weight(melded, self.config.weight_scaling)
         self.weight_fp8.copy_(data)
         self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
         self._refresh_transpose()
@@ -249,7 +260,8 @@ class FalqonLinear(nn.Module):
         self.merge_rows += rows.numel()
         self.merge_calls += 1
         stochastic = rounding == Rounding.STOCHASTIC
-        if triton_merge.available(self.weight_fp8):
+        block_scaled = self.config.weight_scaling == ScaleGranularity.BLOCK  # no fused kernel for block scales yet
+        if triton_merge.available(self.weight_fp8) and not block_scaled:
             stats = triton_merge.merge_rows_fused(
                 rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features,
                 merge_count=self.merge_calls if stochastic else None, salt=self.salt,
