@@ -22,6 +22,9 @@ from falqon_lit.proxy_updater import ProxyUpdater
 OUT_FEATURES = (64, 32, 32)  # q, k, v of a GQA block
 
 
+GROUPABLE = [ScaleGranularity.TENSOR, ScaleGranularity.ROW]
+"""Weight scalings a projection group can share (block-scaled layers run one GEMM each)."""
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
@@ -65,7 +68,7 @@ def _run(layers: list[FalqonLinear], x: torch.Tensor, grad_ys: list[torch.Tensor
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scaling", list(ScaleGranularity))
+@pytest.mark.parametrize("scaling", GROUPABLE)
 @pytest.mark.parametrize("residual", [(False, False, False), (True, False, True)])
 def test_group_matches_per_projection_layers_and_float64_reference(device, scaling, residual):
     members, singles = _group(device, scaling, seed=torch.seed() % 2**31)  # fresh inputs each run
@@ -106,13 +109,20 @@ def test_convert_model_groups_known_families_and_keeps_per_projection_state(fami
     assert set(falqon_layers(model)) == set(falqon_layers(plain))
 
 
+def test_convert_model_block_scales_run_ungrouped_with_reason():
+    config = FalqonConfig(rank=16, weight_scaling=ScaleGranularity.BLOCK, act_scaling=ScaleGranularity.BLOCK)
+    report = convert_model(tiny_model("llama"), config)
+    assert not report.grouped and report.ungrouped
+    assert all("is not row or tensor" in reason for reason in report.ungrouped.values())
+
+
 @pytest.mark.parametrize("family", ["gpt_neox", "phi3"])
 def test_convert_model_unknown_families_run_ungrouped_with_reason(family):
     report = convert_model(tiny_model(family), FalqonConfig(rank=16))
     assert not report.grouped and "no known projection groups" in report.ungrouped["*"]
 
 
-@pytest.mark.parametrize("scaling", list(ScaleGranularity))
+@pytest.mark.parametrize("scaling", GROUPABLE)
 def test_grouped_vllm_export_tensors_equal_ungrouped_layout(scaling):
     config = FalqonConfig(rank=16, weight_scaling=scaling, act_scaling=ScaleGranularity.ROW)
     grouped, plain = tiny_model("llama"), tiny_model("llama")
@@ -215,7 +225,7 @@ def test_grouped_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scaling", list(ScaleGranularity))
+@pytest.mark.parametrize("scaling", GROUPABLE)
 def test_grouped_proxy_updater_matches_the_same_projections_alone(device, scaling):
     members, singles = _group(device, scaling, seed=torch.seed() % 2**31)
     updater = ProxyUpdater(members)  # on CUDA: eager, then capture and replay on the group's views
