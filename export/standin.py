@@ -74,7 +74,9 @@ class _Fp8RoundTrip(torch.autograd.Function):
 def _activation_amax(x: torch.Tensor, scaling: ScaleGranularity) -> torch.Tensor:
     """amax per tensor, per token, or per 1 × 128 group of a token (broadcast back over the group's columns)."""
     if scaling == ScaleGranularity.TENSOR:
-        return x.abs().amax()
+        # Shape (1,), not 0-dim: the TorchScript exporter demotes 0-dim float64 arithmetic to float32, which would
+        # round the float64 graph's per-tensor scale to float32 (the reference's is float64).
+        return x.abs().amax().reshape(1)
     if scaling == ScaleGranularity.ROW:
         return x.abs().amax(dim=-1, keepdim=True)
     cols = x.shape[-1]
@@ -100,13 +102,7 @@ class _DequantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input:
             # Same arithmetic as numerics.quantize_dynamic: scale = max(amax, eps) / 448, x / scale saturated.
-<<<<<<< HEAD
             amax = _activation_amax(x, self.act_scaling)
-=======
-            # Per tensor as shape (1,), not 0-dim: the TorchScript exporter demotes 0-dim float64 arithmetic to
-            # float32, which would round the float64 graph's per-tensor scale to float32 (the reference's is float64).
-            amax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax().reshape(1)
->>>>>>> onnxfix
             scale = amax.clamp(min=AMAX_EPS) / fp8_max(E4M3)
             x = _Fp8RoundTrip.apply((x / scale).clamp(-fp8_max(E4M3), fp8_max(E4M3))) * scale
         y = x @ self.weight_t
