@@ -102,7 +102,10 @@ def merge_rows(
         bits: ``(k, in)`` random bits for stochastic rounding; ``None`` rounds to nearest.
     """
     old_hp = dequantize(rows_fp8, rows_scale)  # (k, in) float32
-    delta = lora_B_rows.float() @ lora_A_hp.float()  # (k, in), real units
+    # Summed in float64, then rounded once: each row's delta is then the same whatever rows merge with it. A float32
+    # GEMM picks its kernel (and summation order) by shape, so a row-sharded rank merging its share of the top-k
+    # would round differently from the unsharded layer, and replicas would drift apart.
+    delta = (lora_B_rows.double() @ lora_A_hp.double()).float()  # (k, in), real units
     new_hp = old_hp + delta
     if granularity == ScaleGranularity.ROW:
         new_scale = amax_to_scale(amax(new_hp, ScaleGranularity.ROW), E4M3)
