@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # GPU-host session steps, one or more per call: bash benchmarks/gpu_session.sh PART [PART ...]
 #   install  staged wheels (once per host: .gpu-stage batches must have arrived) and this package
-#   tests    every GPU test (CUDA FP8 numerics, kernels, proxy graphs, TE backend, vLLM serving), or $TESTS
+#   tests    every test marked gpu (CUDA FP8 numerics, kernels, proxy graphs, TE backend, vLLM serving), or in $TESTS
+#   controls / controls_wait  quality controls and remedies (quality.py --study controls) in the background / collected
+#   fitspeed benchmarks/fit_throughput.py $FIT_ARGS: falqon fit tokens/s, packed vs unpacked, vs the fixed-shape bench
+#   refresh  benchmarks/profile_refresh.py: cost of one A refresh on the 7B shape
+#   blocks   benchmarks/block_bench.py $BLOCK_ARGS: block-scaled layer against its FP8 GEMM floor and row scales
 #   layers   benchmarks/layer_bench.py $LAYER_ARGS: one layer against its two FP8 GEMMs (both backends)
 #   fit      configs/smollm2-chat.yaml for $FIT_STEPS steps (default 300) with the summary callback, no
 #            mid-fit validation (clean step time); a hang gets a Python stack dump (SIGABRT + faulthandler)
@@ -11,7 +15,9 @@
 #   proxy    benchmarks/profile_proxy.py: the whole-model proxy update (7B shape), nearest and stochastic merges
 #   steps    benchmarks/profile_step.py: GPU time of one 7B-shape step by kernel family ($STEP_VARIANTS)
 #   peers    benchmarks/train_step_bench.py: falqon against its peers, LLaMA-7B shape
-# Logs and results go to $OUT (or ./gpu-out); each part prints a short table last.
+# Logs and results go to $OUT (or ./gpu-out); each part prints a short table last. Result files carry the names of
+# benchmarks/results/ (peers with --compile: save train_step.json as train_step_compile.json): copy each over its
+# current file there and add a row for the replaced one to the History table of benchmarks/RESULTS.md.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
@@ -26,7 +32,7 @@ install() {
 import importlib, torch
 names = [
     "triton", "transformers", "lightning", "peft", "vllm", "torchao", "bitsandbytes", "compressed_tensors",
-    "transformer_engine",
+    "transformer_engine", "liger_kernel",
 ]
 found = []
 for n in names:
@@ -39,10 +45,40 @@ PY
 }
 
 tests() {
-  local files=${TESTS:-tests/test_numerics.py tests/test_gemm.py tests/test_layer.py tests/test_proxy.py
-    tests/test_proxy_graph.py tests/test_triton_quantize.py tests/test_triton_merge.py tests/test_convert.py
-    tests/test_te_backend.py tests/test_vllm_serving.py}
-  timeout 420 python3 -m pytest $files -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -4
+  # Every test marked gpu (or $TESTS), with the reasons of skips; -rfE lists failures last.
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest ${TESTS:-tests} -m gpu -q -p no:cacheprovider -rfE 2>&1 \
+    | tee "$out/gpu_tests.log" | grep -E "passed|failed|FAILED|ERROR" | tail -15
+}
+
+controls() {
+  # The quality controls and remedies (benchmarks/quality.py --study controls) in the background, so that untimed
+  # work (the GPU tests) can share the GPU meanwhile; controls_wait collects them.
+  mkdir -p /tmp/quality-controls
+  OMP_NUM_THREADS=2 timeout 560 python3 benchmarks/quality.py --study controls --jobs "${QUALITY_JOBS:-8}" \
+    --out /tmp/quality-controls --time-budget "${QUALITY_BUDGET:-420}" ${QUALITY_ARGS:-} > "$out/quality_controls.log" 2>&1 &
+  controls_pid=$!
+}
+
+controls_wait() {
+  wait "$controls_pid"
+  tail -n 25 "$out/quality_controls.log"
+  cp /tmp/quality-controls/quality.jsonl /tmp/quality-controls/quality_summary.json /tmp/quality-controls/quality.png \
+    "$out/" 2>/dev/null
+}
+
+fitspeed() {
+  timeout 560 python3 benchmarks/fit_throughput.py --out /tmp/fit-throughput ${FIT_ARGS:-} 2>&1 \
+    | tee "$out/fit_throughput.log" | tail -25
+  cp /tmp/fit-throughput/*.json "$out/" 2>/dev/null
+}
+
+refresh() {
+  timeout 120 python3 benchmarks/profile_refresh.py --json "$out/refresh.json" 2>&1 | tail -8
+}
+
+blocks() {
+  timeout 200 python3 benchmarks/block_bench.py --json "$out/block_bench.json" ${BLOCK_ARGS:-} 2>&1 \
+    | tee "$out/block_bench.log" | tail -20
 }
 
 layers() {
@@ -61,7 +97,7 @@ fit() {
   stamp "falqon fit exit code $rc, wall $(( $(date +%s) - start )) s (124/134: timed out or aborted)"
   grep -A14 "fit summary" "$out/smollm2_fit.log" | head -16
   [ $rc -eq 0 ] || tail -40 "$out/smollm2_fit.log"
-  cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_metrics.csv" 2>/dev/null
+  cp /tmp/smollm2-gpu/lightning_logs/version_0/metrics.csv "$out/smollm2_chat_metrics.csv" 2>/dev/null
 }
 
 serve() {

@@ -12,6 +12,9 @@ frozen base linears differ:
 - ``te-fp8-lora``: Transformer Engine ``te.Linear`` (bf16 params, the frozen weight copied in), FP8 current scaling
   (E4M3 forward, E5M2 gradients) under :func:`peer_autocast`; PEFT wraps it with its ``TeLinear`` adapter. TE skips
   the weight gradient of a frozen weight. The FP8 weight is re-quantized every forward (no weight caching).
+- ``peft-bf16-liger``: ``peft-bf16`` with Liger Kernel's rotary, RMSNorm, SwiGLU and fused linear cross-entropy
+  (``apply_liger_kernel_to_llama``: no full logits), what a careful bf16 LoRA user runs; add ``torch.compile`` of
+  the blocks for the best-tuned bf16 peer.
 - ``qlora-nf4``: bitsandbytes ``Linear4bit`` as in QLoRA (NF4, double quantization, blocksize 64, bf16 compute).
   Of ``prepare_model_for_kbit_training`` only the freezing is kept: norms and embeddings stay in the model's dtype
   (as for every peer), and gradient checkpointing is the caller's choice.
@@ -62,9 +65,7 @@ def _swap_linears(model: nn.Module, keep: LinearFilter, make: Callable[[nn.Linea
     """
     fqns = [fqn for fqn, module in model.named_modules() if keep(module, fqn)]
     for fqn in fqns:
-        parent_fqn, _, name = fqn.rpartition(".")
-        parent = model.get_submodule(parent_fqn)
-        setattr(parent, name, make(getattr(parent, name)))
+        model.set_submodule(fqn, make(model.get_submodule(fqn)))
 
 
 def _to_float8_training(model: nn.Module, targets: list[str]) -> None:
@@ -122,6 +123,12 @@ def _to_nf4(model: nn.Module, targets: list[str]) -> None:
     model.is_loaded_in_4bit = True  # PEFT wraps bnb.nn.Linear4bit with its 4-bit LoRA layer only under this flag
 
 
+def _apply_liger(model: nn.Module) -> None:
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, model=model)
+
+
 def _te_fp8_autocast() -> contextlib.AbstractContextManager:
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import Float8CurrentScaling
@@ -139,6 +146,8 @@ class _Peer:
     """Swaps the targeted base linears in place, or None to keep them."""
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """Context that forward and backward run under."""
+    patch_model: Callable[[nn.Module], None] | None = None
+    """Patches the model's other modules (norms, MLP activation, loss) in place, or None."""
 
 
 _PEERS = {
@@ -146,6 +155,7 @@ _PEERS = {
     "torchao-fp8-lora": _Peer("torchao", False, _to_float8_training),
     "te-fp8-lora": _Peer("transformer_engine", True, _to_te, _te_fp8_autocast),
     "qlora-nf4": _Peer("bitsandbytes", True, _to_nf4),
+    "peft-bf16-liger": _Peer("liger_kernel", True, None, patch_model=_apply_liger),
 }
 PEERS = tuple(_PEERS)
 
@@ -191,7 +201,10 @@ def build_peer(model: nn.Module, name: str, rank: int, alpha: float, targets: li
     check_available(name)
     from peft import LoraConfig, get_peft_model
 
-    replace_base = _peer(name).replace_base
+    peer = _peer(name)
+    if peer.patch_model is not None:
+        peer.patch_model(model)
+    replace_base = peer.replace_base
     if replace_base is not None:
         replace_base(model, list(targets))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)

@@ -1,9 +1,8 @@
 """Bar charts of recorded benchmark JSON (train-step and layer) for RESULTS.md and the README.
 
-Usage: python benchmarks/plot_results.py benchmarks/results/train_step_h100_2026-11-23.json \
-           benchmarks/results/layer_h100_2026-11-23.json --out benchmarks/results
-       python benchmarks/plot_results.py benchmarks/results/train_step_compile_h100_2026-11-24_session5.json \
-           --train-step-png train_step_compile_h100.png   # a train-step chart alone, under another name
+Usage: python benchmarks/plot_results.py benchmarks/results/train_step.json benchmarks/results/layer.json
+       python benchmarks/plot_results.py benchmarks/results/train_step_compile.json \
+           --train-step-png train_step_compile.png   # a train-step chart alone, under another name
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ def _bar_color(r: dict) -> str:
     return "#1f77b4" if r["variant"].startswith("falqon") else "#7f7f7f"
 
 
-def plot_train_step(results: list[dict], out: Path, name: str = "train_step_h100.png") -> Path:
+def plot_train_step(results: list[dict], out: Path, name: str = "train_step.png") -> Path:
     """Median step time per variant, grouped by gradient checkpointing; failed and skipped runs are marked."""
     fig, ax = plt.subplots(figsize=(max(7.0, 0.6 * len(results)), 3.6))
     labels = [f"{r['variant']}\nckpt {'on' if r['grad_ckpt'] else 'off'}" for r in results]
@@ -74,7 +73,7 @@ def plot_layer(data: dict, out: Path) -> Path:
     ax.set_title(f"One linear layer - {data['device']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "layer_h100.png"
+    path = out / "layer.png"
     fig.savefig(path, dpi=130)
     return path
 
@@ -84,7 +83,7 @@ def main() -> None:
     parser.add_argument("train_step_json")
     parser.add_argument("layer_json", nargs="?", help="optional: also chart a layer_bench.py JSON")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--train-step-png", default="train_step_h100.png", help="file name of the train-step chart")
+    parser.add_argument("--train-step-png", default="train_step.png", help="file name of the train-step chart")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

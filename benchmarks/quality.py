@@ -26,7 +26,15 @@ several time-limited calls. ``--shard I/N`` runs every N-th pending run, so N pr
 SmolLM2 step is bound by host-side dispatch, not by the GPU); appends are serialized with a file lock.
 Bookkeeping, summary, table and plot live in ``benchmarks/quality_records.py``.
 
+``--study`` picks the run plan (``benchmarks/quality_runs.py``): ``main`` (above), ``controls`` (issue 18: where
+the gap to bf16 LoRA comes from, LoRA-FA and no-merge controls, then remedies: gradient init of ``A``, A refresh,
+merge threshold) or ``long`` (issue 18: the paper's horizon and hyper-parameters, see ``LONG``). ``--jobs N`` (or
+``$QUALITY_JOBS``) starts N ``--shard`` processes itself, waits and reports; the report ends with a short table of
+held-out loss (mean ± sd over seeds) and its gap to bf16 LoRA.
+
 Usage:
+    QUALITY_JOBS=10 python benchmarks/quality.py --study controls --out DIR --time-budget 400  # issue 18, one GPU
+    python benchmarks/quality.py --study long --lr 2e-4 --seeds 0 --jobs 4 --out DIR
     python benchmarks/quality.py --out DIR --time-budget 480      # again with the same DIR (JSONL) to continue
     python benchmarks/quality.py --out DIR --shard 0/4 & ... --shard 3/4 & wait   # 4 processes, one GPU
     python benchmarks/quality.py --out DIR --report-only          # table, quality.png, quality_summary.json
@@ -37,20 +45,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import functools
 import gc
 import importlib.util
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -58,7 +66,6 @@ from typing import Any
 
 import torch
 from quality_records import (
-    BF16_LORA,
     RECORDS,
     append_record,
     estimate_seconds,
@@ -69,12 +76,14 @@ from quality_records import (
     shard_of,
     study_key,
 )
+from quality_runs import QLORA, STUDIES, TARGETS, Run, plan_controls, plan_long, plan_runs
 from torch import nn
 
+from falqon_lit.adapter_init import calibrate_gradient_init
 from falqon_lit.assets import load_smollm2, smollm2_path
 from falqon_lit.batching import LengthGroupedBatchSampler, collate
 from falqon_lit.callbacks import RowwiseProxyUpdate
-from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
+from falqon_lit.config import FP8_GEMM_ALIGNMENT, FalqonConfig, InitMethod
 from falqon_lit.convert import convert_model
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.eval.scoring import chat_heldout_texts, heldout_loss, score_choices, task_result
@@ -82,21 +91,25 @@ from falqon_lit.eval.tasks import load_task
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Adapted layers of every variant: all linears of the Llama decoder blocks (FALQON's default set)."""
 BENCH_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "boolq")
 MMLU_SUBJECTS = ("elementary_mathematics", "high_school_biology", "high_school_psychology", "marketing", "nutrition")
 """The MMLU subset: ``ceil(limit / 5)`` items of each, pooled into one ``mmlu_subset`` accuracy."""
 DATA_SEED = 1234
 """Seed of the train/held-out splits (fixed: every seed of the study sees the same split)."""
 GSM8K_HELDOUT_FRACTION, CHAT_VAL_FRACTION = 0.15, 0.125
-PEER = "fp8base-lora"
-PEER_BACKENDS = {"peft": "peft-bf16", "peer": "torchao-fp8-lora"}
+PEER_BACKENDS = {"peft": "peft-bf16", "peft-fa": "peft-bf16", "peer": "torchao-fp8-lora", "qlora": QLORA}
 """``benchmarks/peers.py`` name of each LoRA run kind."""
 DEFAULTS = {"steps": 150, "batch_size": 16, "max_length": 256, "limit": 100, "chitchat": 1200, "gsm8k": None}
 DEFAULTS.update(eval_batch_size=32, eval_max_length=1024)  # held-out loss keeps (batch, T, vocab) fp32 log-probs
 SMOKE = {"steps": 2, "batch_size": 4, "max_length": 64, "limit": 2, "chitchat": 40, "gsm8k": 40}
 SMOKE.update(eval_batch_size=4, eval_max_length=128)
+LONG = {"steps": 1000, "rank": 64, "alpha": 16.0, "k": "10", "scheduler": "constant", "warmup_fraction": 0.03}
+LONG.update(grad_clip=3.0, lr=2e-4)
+"""``--study long``: the paper's hyper-parameters as far as they are known (rank 64, alpha 16, top-k 10, constant LR
+after a 3% warm-up, gradient-norm clip 3.0, AdamW β2 0.999 and no weight decay, as ``OptimConfig``'s defaults);
+LR 2e-4 or 2e-5 (``--lr``: the sources disagree)."""
+CALIBRATION_BATCHES = 4
+"""Training batches whose weight gradient initialises ``A`` (``init: gradient``; the first batches of the run)."""
 SMOKE_LLAMA = {  # tests/tiny_models.py's shape, with SmolLM2's vocabulary so its tokenizer fits
     "vocab_size": 49152,
     "hidden_size": 64,
@@ -113,113 +126,6 @@ _START = time.monotonic()
 def log(message: str) -> None:
     """A timestamped progress line."""
     print(f"[{datetime.now():%H:%M:%S} +{time.monotonic() - _START:5.0f}s] {message}", flush=True)
-
-
-# ------------------------------------------------------------------------------------------------------ run plan
-@dataclass(frozen=True)
-class Run:
-    """One training run of the study, or one ``before`` evaluation (``train=False``)."""
-
-    name: str
-    group: str
-    """``before``, ``main`` or ``ablation``."""
-    kind: str
-    """``base`` (the backbone as is), ``peft``, ``falqon`` or ``peer``."""
-    seed: int | None = None
-    falqon: FalqonConfig | None = None
-    k: str = "r"
-    """Rows merged per layer per proxy update: ``r`` (rank; the callback's default), ``all`` or a number."""
-    every_n_steps: int = 1
-    train: bool = True
-    bench: bool = True
-    export: bool = False
-    """Also export to the vLLM folder and evaluate what transformers reads back from it."""
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{'-' if self.seed is None else self.seed}"
-
-    def describe(self) -> dict[str, Any]:
-        """Plain values for the JSON record."""
-        falqon = None if self.falqon is None else {k: getattr(v, "value", v) for k, v in asdict(self.falqon).items()}
-        return {
-            "kind": self.kind,
-            "falqon": falqon,
-            "k": self.k,
-            "every_n_steps": self.every_n_steps,
-            "train": self.train,
-            "bench": self.bench,
-            "export": self.export,
-        }
-
-
-def falqon_name(config: FalqonConfig) -> str:
-    """``falqon-<weight scaling>-<b policy>``, plus ``-sr`` for stochastic merge rounding."""
-    suffix = "-sr" if config.merge_rounding == Rounding.STOCHASTIC else ""
-    return f"falqon-{config.weight_scaling.value}-{config.b_policy.value}{suffix}"
-
-
-def _selected(name: str, patterns: list[str] | None) -> bool:
-    return patterns is None or any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def plan_runs(
-    seeds: list[int],
-    rank: int,
-    variants: list[str] | None,
-    ablations: bool,
-    ablation_base: str | None,
-    export_check: bool = False,
-) -> list[Run]:
-    """Every run in execution order: befores, the main comparison seed by seed, the ablations (first seed), then
-    (``export_check``) the ablation base trained once more and evaluated through its vLLM export.
-
-    Raises:
-        ValueError: an ablation base that is not a FALQON variant name.
-    """
-    falqon = {
-        falqon_name(c): c
-        for c in (
-            FalqonConfig(
-                rank=rank, target_modules=list(TARGETS), weight_scaling=s, act_scaling=s, b_policy=p, merge_rounding=m
-            )
-            for m in Rounding
-            for s in ScaleGranularity
-            for p in BPolicy  # new members join the study automatically
-        )
-    }
-    main = [Run(BF16_LORA, "main", "peft"), *(Run(n, "main", "falqon", falqon=c) for n, c in falqon.items())]
-    main = [r for r in [*main, Run(PEER, "main", "peer")] if _selected(r.name, variants)]
-    base_name = ablation_base or falqon_name(FalqonConfig())
-    if (ablations or export_check) and base_name not in falqon:
-        raise ValueError(f"--ablation-base must be one of {sorted(falqon)}, got {base_name!r}")
-    base = Run(base_name, "ablation", "falqon", seeds[0], falqon.get(base_name), bench=False)
-    extra = (
-        [
-            *(replace(base, name=f"{base_name}:k={k}", k=k) for k in ("1", "10", "all")),
-            *(replace(base, name=f"{base_name}:every={n}", every_n_steps=n) for n in (4, 16)),
-            replace(base, name=f"{base_name}:init=random", falqon=replace(base.falqon, init=InitMethod.RANDOM)),
-        ]
-        if ablations
-        else []
-    )
-    if export_check:
-        extra.append(replace(base, name=f"{base_name}:export", group="export", bench=True, export=True))
-
-    scalings = {r.falqon.weight_scaling for r in [*main, *extra] if r.falqon is not None}
-    befores = [Run("before:base", "before", "base", train=False)]
-    befores += [
-        Run(
-            f"before:fp8-{s.value}",
-            "before",
-            "falqon",
-            falqon=falqon[falqon_name(FalqonConfig(weight_scaling=s))],
-            train=False,
-        )
-        for s in ScaleGranularity
-        if s in scalings
-    ]
-    return [*befores, *(replace(r, seed=s) for s in seeds for r in main), *extra]
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -287,15 +193,16 @@ def _peers() -> ModuleType:
     return peers
 
 
-def build_peer(model: nn.Module, name: str, rank: int) -> nn.Module:
-    """``peers.build_peer`` with the study's targets and ``alpha = rank`` (scale ``alpha / r = 1``, as FALQON).
+def build_peer(model: nn.Module, name: str, rank: int, alpha: float) -> nn.Module:
+    """``peers.build_peer`` with the study's targets (``alpha = rank`` outside ``--study long``: scale
+    ``alpha / r = 1``, as FALQON's ``x (W + B A)ᵀ``).
 
     Raises:
         SkipRun: the peer's package (or device) is missing here.
     """
     peers = _peers()
     try:
-        return peers.build_peer(model, name, rank, rank, list(TARGETS))
+        return peers.build_peer(model, name, rank, alpha, list(TARGETS))
     except peers.PeerUnavailableError as err:
         raise SkipRun(str(err).removeprefix("skipped: ")) from None
 
@@ -318,12 +225,34 @@ class ModelFactory:
         self.base, self.device = base.to(device), device
         self._converted: dict[str, nn.Module] = {}
 
-    def build(self, run: Run, rank: int) -> nn.Module:
+    def build(self, run: Run, settings: dict[str, Any], batches: list) -> nn.Module:
+        """The run's model; ``batches`` (its training batches) calibrate a gradient-initialised ``A`` of LoRA-FA."""
         torch.manual_seed(0 if run.seed is None else run.seed)  # random A (PEFT, init=random)
         if run.kind == "falqon":
             return self._falqon(run.falqon)
+        rank, alpha = settings["rank"], settings.get("alpha") or settings["rank"]
+        if run.kind == "peft-fa":
+            return self._lora_fa(run.falqon, rank, alpha, batches)
         model = copy.deepcopy(self.base)
-        return model if run.kind == "base" else build_peer(model, PEER_BACKENDS[run.kind], rank)
+        return model if run.kind == "base" else build_peer(model, PEER_BACKENDS[run.kind], rank, alpha)
+
+    def _lora_fa(self, config: FalqonConfig, rank: int, alpha: float, batches: list) -> nn.Module:
+        """PEFT bf16 LoRA with every ``A`` frozen at FALQON's initial ``A`` under ``config`` (dequantized from its FP8
+        bytes: the same values FALQON trains ``B`` against) and only ``B`` trained: LoRA-FA."""
+        falqon = self._falqon(replace(config, lora_alpha=None))  # PEFT applies alpha / r itself
+        if config.init == InitMethod.GRADIENT:
+            calibrate_gradient_init(falqon, calibration_losses(falqon, batches, self.device))
+        frozen = {name: layer.lora_A() for name, layer in falqon_layers(falqon).items()}
+        del falqon
+        model = build_peer(copy.deepcopy(self.base), PEER_BACKENDS["peft-fa"], rank, alpha)
+        for name, module in model.named_modules():
+            if isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+                weight = module.lora_A["default"].weight
+                with torch.no_grad():
+                    weight.copy_(frozen.pop(name.removeprefix("base_model.model.")))
+                weight.requires_grad_(False)
+        assert not frozen, f"LoRA-FA: no PEFT adapter for {sorted(frozen)[:3]}"
+        return model
 
     def _falqon(self, config: FalqonConfig) -> nn.Module:
         key = repr(config)
@@ -359,13 +288,34 @@ def _autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def proxy_callback(run: Run, model: nn.Module) -> Any:
-    """The trainer's ``RowwiseProxyUpdate`` with this run's rows per update and interval."""
+def proxy_callback(run: Run, model: nn.Module, steps: int) -> Any:
+    """The trainer's ``RowwiseProxyUpdate`` with this run's rows per update, interval and A refresh; for a run
+    without merges, one that never merges (an interval beyond the run, no flush) but still calibrates ``A``."""
     if run.k == "all":  # k is per layer; select_rows caps it at each layer's out_features
         k = max(layer.out_features for layer in falqon_layers(model).values())
     else:
         k = None if run.k == "r" else int(run.k)  # None: the callback's default, k = rank
-    return RowwiseProxyUpdate(k=k, every_n_steps=run.every_n_steps, log_rows=False)
+    every = run.every_n_steps if run.merge else steps + 1
+    return RowwiseProxyUpdate(
+        k=k,
+        every_n_steps=every,
+        log_rows=False,
+        flush_at_end=run.merge,
+        refresh_every_n_steps=run.refresh_every,
+        calibration_batches=CALIBRATION_BATCHES,
+    )
+
+
+def step_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy over assistant tokens (labels -100 elsewhere) of one batch, under the study's autocast."""
+    batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+    with _autocast(device):
+        return model(**batch).loss
+
+
+def calibration_losses(model: nn.Module, batches: list, device: torch.device) -> list[Callable[[], torch.Tensor]]:
+    """Loss closures of the first ``CALIBRATION_BATCHES`` training batches (gradient init of ``A``)."""
+    return [functools.partial(step_loss, model, batch, device) for batch in batches[:CALIBRATION_BATCHES]]
 
 
 def train(
@@ -375,27 +325,40 @@ def train(
     device: torch.device,
     proxy: Any | None = None,
     context: Callable[[], AbstractContextManager] = nullcontext,
+    after_step: Callable[[int], None] | None = None,
 ) -> list:
     """The loop every variant shares; returns the per-step training loss.
 
     ``proxy`` (a ``RowwiseProxyUpdate``) is driven through the Lightning hooks the Trainer calls, with a stand-in
-    holding the public Trainer attributes a callback reads; the hooks run in the Trainer's order: fit start, after
-    each optimizer step (and LR step), fit end (the final flush).
+    holding the public Trainer attributes a callback reads; the hooks run in the Trainer's order: fit start, train
+    start (here: the gradient calibration of ``A``, on the first batches), before and after each optimizer step
+    (and LR step), fit end (the final flush). ``after_step(step)`` runs after each step's proxy update.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = OptimConfig(lr=settings["lr"], warmup_steps=settings["warmup"])
+    optim = OptimConfig(
+        lr=settings["lr"], warmup_steps=settings["warmup"], scheduler=settings.get("scheduler", "cosine")
+    )
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, len(batches))
-    trainer = SimpleNamespace(global_step=0, optimizers=[optimizer], loggers=[], lightning_module=model)
+    one_process = SimpleNamespace(reduce=lambda tensor, reduce_op=None: tensor)
+    trainer = SimpleNamespace(
+        global_step=0,
+        max_steps=len(batches),
+        optimizers=[optimizer],
+        loggers=[],
+        lightning_module=model,
+        strategy=one_process,
+    )
     model.train()
     if proxy is not None:
         proxy.on_fit_start(trainer, model)
+        proxy.initialise_A(model, calibration_losses(model, batches, device))
     losses = []
     for step, batch in enumerate(batches, start=1):
-        batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+        if proxy is not None:
+            proxy.on_train_batch_start(trainer, model, batch, step - 1)
         with context():
-            with _autocast(device):
-                loss = model(**batch).loss  # mean cross-entropy over assistant tokens (labels -100 elsewhere)
+            loss = step_loss(model, batch, device)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings["grad_clip"])
         optimizer.step()
@@ -404,6 +367,8 @@ def train(
         trainer.global_step = step
         if proxy is not None:
             proxy.on_train_batch_end(trainer, model, None, batch, step - 1)
+        if after_step is not None:
+            after_step(step)
         losses.append(loss.detach())
     if proxy is not None:
         proxy.on_train_end(trainer, model)
@@ -436,6 +401,20 @@ def evaluate_model(
             metrics["bench_acc"] = statistics.fmean(r.acc for r in results.values())
             metrics["bench_acc_norm"] = statistics.fmean(r.acc_norm for r in results.values())
     return metrics
+
+
+def track_heldout(
+    model: nn.Module, tokenizer: Any, data: StudyData, settings: dict[str, Any], curve: list, steps: int, step: int
+) -> None:
+    """Every ``eval_every`` steps before the last: append ``[step, held-out loss, seconds]`` to ``curve`` (the model
+    as it trains: FALQON's forward includes any unmerged ``B`` exactly, so nothing is flushed)."""
+    every = settings.get("eval_every") or 0
+    if not every or step % every or step >= steps:
+        return
+    start = time.perf_counter()
+    with torch.no_grad():
+        loss = evaluate_model(model, tokenizer, data, next(model.parameters()).device, False, settings)["heldout_loss"]
+    curve.append([step, loss, time.perf_counter() - start])
 
 
 def require_export_reader() -> None:
@@ -503,18 +482,23 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
     start = time.perf_counter()
     if run.export:
         require_export_reader()
-    model = factory.build(run, settings["rank"])
-    result: dict[str, Any] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    losses, proxy = [], None
+    batches: list = []
     if run.train:
         # torchao's float8 GEMMs need the weight gradient's token count divisible by 16 (an epoch's last, short
         # batch can hold one sequence of odd length)
         multiple = FP8_GEMM_ALIGNMENT if run.kind == "peer" else 1
         batches = fixed_batches(data.train, settings["batch_size"], settings["steps"], run.seed, data.pad_id, multiple)
-        proxy = proxy_callback(run, model) if run.kind == "falqon" else None
+    model = factory.build(run, settings, batches)
+    result: dict[str, Any] = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    losses, proxy = [], None
+    if run.train:
+        proxy = proxy_callback(run, model, len(batches)) if run.kind == "falqon" else None
+        curve: list[list[float]] = []
+        track = functools.partial(track_heldout, model, tokenizer, data, settings, curve, len(batches))
         train_start = time.perf_counter()
-        losses = train(model, batches, settings, device, proxy, step_context(run))
-        result["train_s"] = time.perf_counter() - train_start
+        losses = train(model, batches, settings, device, proxy, step_context(run), track)
+        result["train_s"] = time.perf_counter() - train_start - sum(seconds for _, _, seconds in curve)
+        result["heldout_curve"] = curve
         result["step_ms"] = 1e3 * result["train_s"] / len(batches)
     eval_start = time.perf_counter()
     result["metrics"] = evaluate_model(model, tokenizer, data, device, run.bench, settings)
@@ -528,6 +512,8 @@ def execute(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, se
             "updates": proxy.updates,
             "rows_merged": proxy.rows_merged,
             "rows_flushed": proxy.rows_flushed,
+            "refreshes": proxy.refreshes,
+            "rows_refreshed": proxy.rows_refreshed,
         }
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -552,15 +538,21 @@ def _run_line(run: Run, record: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=STUDIES, default="main", help="which run plan (quality_runs.py)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "quality-out"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; ablations use the first")
     p.add_argument("--steps", type=int, help=f"optimizer steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--batch-size", type=int, help=f"sequences per step (default {DEFAULTS['batch_size']})")
     p.add_argument("--max-length", type=int, help=f"training sequence length (default {DEFAULTS['max_length']})")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every variant (OptimConfig default)")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps (default steps // 10), then cosine to 0.1 lr")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (the repo's configs)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank r of every variant")
+    p.add_argument("--lr", type=float, help="peak learning rate of every variant (default 1e-3; long: 2e-4)")
+    p.add_argument(
+        "--warmup", type=int, help="linear warm-up steps (default steps // 10, then cosine to 0.1 lr; long: 3%%)"
+    )
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clipping (default 1.0 as the configs; long: 3.0)")
+    p.add_argument("--rank", type=int, help="LoRA rank r of every variant (default 16; long: 64)")
+    p.add_argument(
+        "--eval-every", type=int, help="held-out loss every N steps during training (controls/long; long: steps/10)"
+    )
     p.add_argument("--limit", type=int, help=f"benchmark items per task (default {DEFAULTS['limit']})")
     p.add_argument("--chitchat-conversations", type=int, help=f"default {DEFAULTS['chitchat']}")
     p.add_argument("--gsm8k-problems", type=int, help="default all 1319")
@@ -574,6 +566,12 @@ def _parser() -> argparse.ArgumentParser:
         help="train the ablation base once more, export it to the vLLM folder and evaluate that too",
     )
     p.add_argument("--shard", help="I/N: run every N-th pending run from the I-th (N processes share the GPU)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("QUALITY_JOBS") or 1),
+        help="start this many --shard processes on this machine, wait, then report (default $QUALITY_JOBS or 1)",
+    )
     p.add_argument("--time-budget", type=float, help="seconds: start no run that would not finish within it")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed or skipped")
     p.add_argument("--report-only", action="store_true", help="only print the table and write the summary files")
@@ -593,17 +591,61 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
         "chitchat": args.chitchat_conversations,
         "gsm8k": args.gsm8k_problems,
     }
+    long = args.study == "long"
+    if long and not args.smoke:
+        defaults = {**defaults, "steps": LONG["steps"]}
     settings = {**defaults, **{k: v for k, v in given.items() if v is not None}}
+    steps = settings["steps"]
+
+    def pick(value: Any, usual: Any, paper: Any) -> Any:
+        return value if value is not None else paper if long else usual
+
     settings.update(
         smoke=args.smoke,
-        lr=args.lr,
-        warmup=settings["steps"] // 10 if args.warmup is None else args.warmup,
-        grad_clip=args.grad_clip,
-        rank=args.rank,
+        lr=pick(args.lr, 1e-3, LONG["lr"]),
+        warmup=pick(args.warmup, steps // 10, round(LONG["warmup_fraction"] * steps)),
+        grad_clip=pick(args.grad_clip, 1.0, LONG["grad_clip"]),
+        rank=pick(args.rank, 16, LONG["rank"]),
         tasks=[*BENCH_TASKS, "mmlu_subset"],
         mmlu_subjects=list(MMLU_SUBJECTS),
     )
+    if args.study != "main":  # (the main study keeps its settings, hence its key: earlier records still count)
+        settings.update(
+            study=args.study,
+            alpha=LONG["alpha"] if long else settings["rank"],
+            k=LONG["k"] if long else "r",
+            scheduler=LONG["scheduler"] if long else "cosine",
+            calibration_batches=CALIBRATION_BATCHES,
+            eval_every=pick(args.eval_every, 0, steps // 10),
+        )
     return settings
+
+
+def plan_study(args: argparse.Namespace, settings: dict[str, Any]) -> list[Run]:
+    """The runs of ``--study`` (``quality_runs.py``)."""
+    variants = args.variants.split(",") if args.variants else None
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.study == "controls":
+        return plan_controls(seeds, settings["rank"], variants, settings["steps"])
+    if args.study == "long":
+        return plan_long(seeds, settings["rank"], settings["alpha"], settings["k"], variants, settings["steps"])
+    return plan_runs(seeds, settings["rank"], variants, args.ablations, args.ablation_base, args.export_check)
+
+
+def run_shards(argv: list[str], jobs: int, out: Path) -> None:
+    """Run this script as ``jobs`` concurrent ``--shard I/N`` processes (logs: ``<out>/shard_I.log``) and wait."""
+    script, children = str(Path(__file__).resolve()), []
+    # One host thread each (the step is Python dispatch); expandable segments: less fragmentation in a shared GPU.
+    env = {"OMP_NUM_THREADS": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
+    env["PYTHONUNBUFFERED"] = "1"
+    for index in range(jobs):
+        command = [sys.executable, script, *argv, "--jobs", "1", "--shard", f"{index}/{jobs}"]
+        with (out / f"shard_{index}.log").open("w") as log_file:
+            children.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+    for index, child in enumerate(children):
+        if child.wait():
+            log(f"shard {index}/{jobs} exited with {child.returncode}; see {out / f'shard_{index}.log'}")
+    log(f"{jobs} shards done")
 
 
 def run_record(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData, study: str, settings: dict) -> dict:
@@ -632,14 +674,20 @@ def run_record(run: Run, factory: ModelFactory, tokenizer: Any, data: StudyData,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the pending runs of the study (within ``--time-budget``), then report."""
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     settings = study_settings(args)
     study = study_key(settings)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RECORDS
-    variants = args.variants.split(",") if args.variants else None
-    seeds = [int(s) for s in args.seeds.split(",")]
-    runs = plan_runs(seeds, args.rank, variants, args.ablations, args.ablation_base, args.export_check)
+    runs = plan_study(args, settings)
+    if args.jobs > 1 and args.shard is None and not args.report_only:
+        if not args.smoke:
+            smollm2_path()  # convert the packaged model once, before the shards load it
+        log(f"study {study}: {len(runs)} runs in {args.jobs} shards; settings {settings}")
+        run_shards(argv, args.jobs, args.out)
+        report(args.out, study)
+        return 0
     records = read_records(path)
     pending = pending_runs(runs, records, study, args.retry_failed)
     todo = shard_of(pending, args.shard)
@@ -655,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = ", ".join(f"{name} {len(texts)}" for name, (texts, _) in data.heldout.items())
         log(f"device {device}; {len(data.train)} training examples; held-out {sizes}")
         for index, run in enumerate(todo, start=1):
+            records = read_records(path)  # with what concurrent shards finished meanwhile
             estimate = estimate_seconds(run, records, study)
             if not fits(time.monotonic() - _START, estimate, args.time_budget):
                 left = len(todo) - index + 1
@@ -664,7 +713,6 @@ def main(argv: list[str] | None = None) -> int:
             record = run_record(run, factory, tokenizer, data, study, settings)
             record["shard"] = args.shard  # runs of concurrent shards share the GPU: their step_ms is not a speed
             append_record(path, record)
-            records.append(record)
             log(_run_line(run, record))
             gc.collect()
             if device.type == "cuda":

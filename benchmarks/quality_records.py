@@ -19,6 +19,8 @@ from typing import Any, Protocol
 BF16_LORA = "bf16-lora"
 """The reference variant of the main comparison."""
 RECORDS = "quality.jsonl"
+COMPARED_GROUPS = ("main", "control", "remedy")
+"""Groups whose rows are compared with ``bf16-lora`` (the study's plans put it in the first of them it runs)."""
 REPORT_RESERVE_S = 15.0
 """Seconds kept free at the end of ``--time-budget`` for the report and plot."""
 
@@ -138,13 +140,14 @@ def _with_deltas(row: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, A
 
 
 def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
-    """Per-variant mean ± std over seeds, Δ vs ``bf16-lora`` (main) or vs the ablation base at the same seed."""
+    """Per-variant mean ± std over seeds, Δ vs ``bf16-lora`` (main, control, remedy) or vs the ablation base at the
+    same seed."""
     ok = [r for r in records if r.get("study") == study and r["status"] == "ok"]
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         by_name[r["name"]].append(r)
     rows = {name: _row(name, rs) for name, rs in by_name.items()}
-    summary: dict[str, Any] = {"study": study, "before": [], "main": [], "ablation": []}
+    summary: dict[str, Any] = {"study": study, "before": [], **{g: [] for g in COMPARED_GROUPS}, "ablation": []}
     for row in rows.values():
         if row["group"] != "export":
             summary[row["group"]].append(_with_deltas(row, rows.get(BF16_LORA)))
@@ -203,7 +206,12 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{'bench acc %':>13s} {'Δ acc':>8s} {'lost %':>7s}"
     )
     lines = []
-    for group, title in (("before", "before training"), ("main", "vs bf16-lora"), ("ablation", "vs ablation base")):
+    titles = {
+        "before": "before training",
+        **{g: "vs bf16-lora" for g in COMPARED_GROUPS},
+        "ablation": "vs ablation base",
+    }
+    for group, title in titles.items():
         if not summary[group]:
             continue
         lines += [f"-- {group} ({title})", header]
@@ -238,38 +246,77 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_gap_table(summary: dict[str, Any]) -> str:
+    """The short table of the compared rows: held-out loss mean ± sd over seeds and its gap to bf16 LoRA."""
+    rows = [row for group in COMPARED_GROUPS for row in summary[group]]
+    if not rows:
+        return ""
+    lines = [
+        f"{'variant':40s} {'group':>7s} {'n':>2s} {'held-out loss':>17s} {'gap vs bf16-lora':>16s} {'bench acc %':>13s}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['variant']:40s} {row['group']:>7s} {row['n']:2d} "
+            f"{_pm(row['heldout_loss'], row['heldout_loss_std']):>17s} {_signed(row['delta_loss_pct'], '%'):>16s} "
+            f"{_pm(row['bench_acc'], row['bench_acc_std'], 100, 1):>13s}"
+        )
+    return "\n".join(lines)
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (over fewer values at the start)."""
     return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
 def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
-    """Training-loss curves (moving average) per variant, mean over seeds; main comparison and ablations."""
+    """Training-loss curves (moving average) per variant, mean over seeds: main comparison or controls (left),
+    ablations (first seed) or remedies (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.get("study") == summary["study"] and r["status"] == "ok" and r["loss_curve"]]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    tracked = [r for r in ok if r.get("heldout_curve")]
+    fig, axes = plt.subplots(1, 3 if tracked else 2, figsize=(21 if tracked else 14, 5))
+    axes[1].sharey(axes[0])
     ablations = [r for r in ok if r["group"] == "ablation"]
     base = ablations[0]["name"].split(":")[0] if ablations else None
-    for ax, group, title in ((axes[0], "main", "mean over seeds"), (axes[1], "ablation", "first seed")):
+    panels = ((axes[0], ("main", "control"), "mean over seeds"), (axes[1], ("ablation", "remedy"), "seeds as run"))
+    for ax, groups, title in panels:
         curves: dict[str, list[list[float]]] = defaultdict(list)
         for r in ok:
-            if r["group"] == group or (group == "ablation" and r["name"] == base and r["seed"] == ablations[0]["seed"]):
+            base_run = ablations and r["name"] == base and r["seed"] == ablations[0]["seed"]
+            reference = "remedy" in groups and r["name"] == BF16_LORA and any(x["group"] == "remedy" for x in ok)
+            if r["group"] in groups or ("ablation" in groups and base_run) or reference:
                 curves[r["name"]].append(r["loss_curve"])
         for name, runs in curves.items():
             steps = min(len(c) for c in runs)
             mean = [statistics.fmean(c[i] for c in runs) for i in range(steps)]
             ax.plot(range(1, steps + 1), _smooth(mean, max(1, steps // 20)), label=f"{name} (n={len(runs)})")
-        ax.set(title=f"{group}: training loss ({title}, moving average)", xlabel="step")
+        ax.set(title=f"{' / '.join(groups)}: training loss ({title}, moving average)", xlabel="step")
         if curves:
             ax.legend(fontsize=7)
     axes[0].set_ylabel("loss (nats/token)")
+    if tracked:
+        _plot_heldout(axes[2], tracked)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_heldout(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Held-out loss during training (``--eval-every``) per variant, mean over seeds, ending at the final score."""
+    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
+    for r in records:
+        points = [(int(step), loss) for step, loss, _ in r["heldout_curve"]]
+        curves[r["name"]].append([*points, (len(r["loss_curve"]), r["metrics"]["heldout_loss"])])
+    for name, runs in curves.items():
+        steps = [step for step, _ in runs[0]]
+        mean = [statistics.fmean(run[i][1] for run in runs) for i in range(len(steps))]
+        ax.plot(steps, mean, marker="o", label=f"{name} (n={len(runs)})")
+    ax.set(title="held-out loss during training (mean over seeds)", xlabel="step", ylabel="held-out loss")
+    ax.legend(fontsize=7)
 
 
 def report(out: Path, study: str) -> dict[str, Any]:
@@ -281,6 +328,8 @@ def report(out: Path, study: str) -> dict[str, Any]:
     summary = summarize(records, study)
     summary["settings"] = next((r["settings"] for r in records if r.get("study") == study), None)
     print(format_table(summary), flush=True)
+    if gaps := format_gap_table(summary):  # last: what a GPU session's log tail shows
+        print(gaps, flush=True)
     (out / "quality_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     plot_curves(records, summary, out / "quality.png")
     return summary

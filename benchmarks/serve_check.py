@@ -11,7 +11,8 @@ Two parts, each in its own process with its own time limit (clean GPU memory; a 
 
 Usage (GPU host, repo root, staged vLLM installed):
     python benchmarks/serve_check.py [--part smollm2|7b] [--out DIR] [--steps 300] [--ckpt PATH]
-Writes DIR/serve_check.json plus logs and prints a table last. Exit status 1 if any check failed or a part did not
+Writes DIR/serve_<part>.json (``serve_smollm2.json``, ``serve_7b.json``: the current files' names in
+``benchmarks/results/``) plus logs and prints a table last. Exit status 1 if any check failed or a part did not
 finish (everything measured is still written), 0 otherwise.
 """
 
@@ -152,7 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected parts, write ``serve_check.json`` and print the table; 1 if anything failed."""
+    """Run the selected parts, write ``serve_<part>.json`` and print the table; 1 if anything failed."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     set_vllm_env()
@@ -170,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["parts"][part] = run_part(part, timeout, args)
         summary["device"] = summary["parts"][part].get("device", summary.get("device"))
     summary["passed"] = all(passed(p["checks"]) for p in summary["parts"].values())
-    (args.out / "serve_check.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(summary, indent=1, default=str) + "\n"
+    (args.out / f"serve_{args.part}.json").write_text(text, encoding="utf-8")
     print(format_table(summary), flush=True)
     return 0 if summary["passed"] else 1
 

@@ -5,10 +5,17 @@ Each variant runs in its own process (clean peak-memory numbers): build the mode
 AdamW on the adapter, and for FALQON the row-wise proxy update) on a fixed random batch. A peer whose package is not
 installed gets a ``skipped`` row; the last table gives FALQON's speedup over each peer at the same checkpointing.
 
+FALQON variants ending in ``-fused`` run the fused block (``--model.fused_block``, the trainer's default): grouped
+q/k/v and gate/up GEMMs, RMSNorms and SwiGLUs that write the next GEMM's FP8 input (Triton, per-token scales), and
+with Liger Kernel installed its rotary, final RMSNorm and fused linear cross-entropy; the other FALQON variants are
+the per-layer path with the eager block (the earlier sessions' runs).
+
 Usage:
     python benchmarks/train_step_bench.py --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
     python benchmarks/train_step_bench.py --layers 4   # a quick, smaller run of every variant
     python benchmarks/train_step_bench.py --variants falqon-default,peft-bf16 --compile off,on  # torch.compile
+    python benchmarks/train_step_bench.py --rows falqon-fused@off,peft-bf16-liger+compile@off,qlora-nf4@on
+        # explicit rows: variant[+compile]@ckpt, instead of the variants x ckpt x compile grid
 """
 
 from __future__ import annotations
@@ -36,13 +43,15 @@ LLAMA_7B = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FALQON_VARIANTS = {
-    # name: (FalqonConfig.from_recipe name or None for the defaults, overrides)
+    # name: (FalqonConfig.from_recipe name or None for the defaults, overrides); "-fused": the fused block
     "falqon-tensor": ("paper", {}),  # tensor scales, B zeroed after each merge, nearest merges: sessions 1-3's runs
     "falqon-te": ("paper", {"backend": "te"}),  # the same on Transformer Engine's quantizers and GEMM
     "falqon-default": (None, {}),  # what a user gets: row/per-token scales, B keep, stochastic merges
     "falqon-default-cached": (None, {"transpose_cache": True}),  # a second, transposed FP8 copy of each weight
     "falqon-default-tensor": (None, {"weight_scaling": "tensor", "act_scaling": "tensor"}),
     "falqon-default-tensor-te": (None, {"weight_scaling": "tensor", "act_scaling": "tensor", "backend": "te"}),
+    "falqon-fused": (None, {}),  # what `falqon fit` runs now: the defaults with the fused block
+    "falqon-tensor-fused": ("paper", {}),
 }
 VARIANTS = (*FALQON_VARIANTS, *PEERS)
 
@@ -74,6 +83,8 @@ class TrainStep:
     """``FalqonConfig.short_repr()`` of a FALQON variant."""
     proxy_ms: list[float]
     """Wall time of each proxy update so far (FALQON only)."""
+    fused: Callable[[], dict] | None = None
+    """What the fused block ran (grouped GEMMs, projections that ran alone, Liger), FALQON ``-fused`` only."""
 
 
 def build_step(args: argparse.Namespace) -> TrainStep:
@@ -88,8 +99,16 @@ def build_step(args: argparse.Namespace) -> TrainStep:
     proxy_ms: list[float] = []
     step_context = contextlib.nullcontext
     config_repr = None
+    fused = args.variant.endswith("-fused")
+    fused_info: Callable[[], dict] | None = None
+
+    def loss_fn():
+        return model(input_ids=ids, labels=ids).loss
+
     if is_falqon:
         from falqon_lit import FalqonConfig, convert_model, falqon_layers
+        from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
+        from falqon_lit.grouped import projection_groups
         from falqon_lit.proxy_updater import ProxyUpdater
 
         recipe, overrides = FALQON_VARIANTS[args.variant]
@@ -97,7 +116,19 @@ def build_step(args: argparse.Namespace) -> TrainStep:
         settings = {"rank": args.rank, "init": "random", **overrides}
         cfg = FalqonConfig.from_recipe(recipe, **settings) if recipe else FalqonConfig(**settings)
         config_repr = cfg.short_repr()
-        convert_model(model, cfg)
+        convert_model(model, cfg, group_projections=fused)
+        if fused:
+            fused_loss, description = apply_fused_block(model, torch.device("cuda"))
+            if fused_loss:
+
+                def loss_fn():
+                    return fused_linear_cross_entropy(model, ids, None, None, ids, -100)[0]
+
+            groups = projection_groups(model)
+
+            def fused_info() -> dict:  # every projection should take its slice of the group GEMM: alone == 0
+                return {"description": description, "alone": sum(g.alone for g in groups)}
+
         updater = ProxyUpdater(list(falqon_layers(model).values()), use_cuda_graph=not args.no_graph)
 
         def after_step() -> None:
@@ -128,13 +159,13 @@ def build_step(args: argparse.Namespace) -> TrainStep:
 
     def step() -> None:
         with step_context():  # forward and backward: checkpointing recomputes the forward in backward
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = loss_fn()
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         after_step()
 
-    return TrainStep(step, params, config_repr, proxy_ms)
+    return TrainStep(step, params, config_repr, proxy_ms, fused_info)
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -166,6 +197,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "proxy_update_ms": statistics.median(run.proxy_ms[args.warmup :]) if run.proxy_ms else None,
         "trainable_params": sum(p.numel() for p in run.params),
+        "fused": None if run.fused is None else run.fused(),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
     }
@@ -223,7 +255,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--json", default=None, help="write the results here (rewritten after every run)")
+    parser.add_argument("--rows", default=None, help="explicit rows variant[+compile]@on|off, comma-separated")
+    parser.add_argument("--json", "--out", default=None, help="write the results here (rewritten after every run)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds one variant may take")
     parser.add_argument("--no-graph", action="store_true", help="update layers one by one (no CUDA graph)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child-process mode
@@ -239,19 +272,35 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    variants = args.variants.split(",")
-    if unknown := [v for v in variants if v not in VARIANTS]:
-        parser.error(f"--variants has unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.rows:
+        rows = [_parse_row(parser, token) for token in args.rows.split(",")]
+    else:
+        variants = args.variants.split(",")
+        if unknown := [v for v in variants if v not in VARIANTS]:
+            parser.error(f"--variants has unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        rows = [
+            (variant, ckpt == "on", compiled == "on")
+            for ckpt in args.ckpt.split(",")
+            for variant in variants
+            for compiled in args.compile.split(",")
+        ]
     results = []
-    for ckpt in args.ckpt.split(","):
-        for variant in variants:
-            for compiled in args.compile.split(","):
-                results.append(_run_child(args, variant, ckpt == "on", compiled == "on"))
-            print(json.dumps(results[-1]), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=1)
+    for variant, ckpt, compiled in rows:
+        results.append(_run_child(args, variant, ckpt, compiled))
+        print(json.dumps(results[-1]), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     _print_table(results)
+
+
+def _parse_row(parser: argparse.ArgumentParser, token: str) -> tuple[str, bool, bool]:
+    """``variant[+compile]@on|off`` -> ``(variant, checkpointing, compiled)``."""
+    name, _, ckpt = token.partition("@")
+    variant, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+    if variant not in VARIANTS or ckpt not in ("on", "off"):
+        parser.error(f"--rows entry {token!r} must be variant[+compile]@on|off, variant one of {', '.join(VARIANTS)}")
+    return variant, ckpt == "on", compiled
 
 
 if __name__ == "__main__":

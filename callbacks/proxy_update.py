@@ -4,6 +4,14 @@ After every ``every_n_steps``-th optimizer step, each ``FalqonLinear`` merges th
 L1 norm into its FP8 weight (``warmup_k`` rows during the first ``warmup_steps`` steps); what happens to the rest of
 ``B`` is the layer's ``FalqonConfig.b_policy``. At the end of fit every remaining row is flushed, so the FP8 weights
 alone are the trained model.
+
+Two options of issue 18 change the frozen ``A`` (``falqon_lit.adapter_init``):
+
+- layers converted with ``init: gradient`` get their ``A`` from the dense weight gradient of the first
+  ``calibration_batches`` training batches, in a calibration pass when training starts (no optimizer step);
+- ``refresh_every_n_steps``: after every n-th optimizer step, every layer is flushed (``B`` merged, ``B = 0``), its
+  ``A`` rows are replaced by new directions (``gradient``: from the weight gradient captured during that step's
+  backward; ``random``: orthogonal to the previous ``A``) and requantized, and ``B``'s optimizer state is reset.
 """
 
 from __future__ import annotations
@@ -14,7 +22,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from falqon_lit.layer import falqon_layers
+from falqon_lit.adapter_init import (
+    WeightGradientCapture,
+    calibrate_gradient_init,
+    gradient_directions,
+    random_directions,
+    refresh_A,
+)
+from falqon_lit.config import InitMethod
+from falqon_lit.layer import falqon_layers, flush_all
 from falqon_lit.proxy_updater import ProxyUpdater
 from falqon_lit.sharded import ShardedFalqonLinear
 
@@ -30,10 +46,14 @@ class RowwiseProxyUpdate(Callback):
         score: row score; only ``"l1"`` (the paper's L1 norm of each row of ``B``).
         flush_at_end: merge every non-zero row of ``B`` when fit ends.
         log_rows: log ``proxy/rows_merged`` (rows merged over all layers at that step).
+        refresh_every_n_steps: replace ``A`` after every n-th optimizer step (before the last); ``None``: never.
+        refresh_directions: ``gradient`` (top-r right singular directions of that step's weight gradient) or
+            ``random`` (orthogonal to the previous ``A``).
+        calibration_batches: training batches whose weight gradient initialises ``A`` of ``init: gradient`` layers.
 
     Raises:
-        ValueError: a non-positive ``k``, ``warmup_k`` or ``every_n_steps``, a negative ``warmup_steps``, or an
-            unknown ``score``.
+        ValueError: a non-positive ``k``, ``warmup_k``, ``every_n_steps``, ``refresh_every_n_steps`` or
+            ``calibration_batches``, a negative ``warmup_steps``, or an unknown ``score`` or ``refresh_directions``.
     """
 
     def __init__(
@@ -45,9 +65,12 @@ class RowwiseProxyUpdate(Callback):
         score: str = "l1",
         flush_at_end: bool = True,
         log_rows: bool = True,
+        refresh_every_n_steps: int | None = None,
+        refresh_directions: str = "gradient",
+        calibration_batches: int = 1,
     ) -> None:
         problems = []
-        for name, value in (("k", k), ("warmup_k", warmup_k)):
+        for name, value in (("k", k), ("warmup_k", warmup_k), ("refresh_every_n_steps", refresh_every_n_steps)):
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 or null, got {value}")
         if warmup_steps < 0:
@@ -56,6 +79,10 @@ class RowwiseProxyUpdate(Callback):
             problems.append(f"every_n_steps must be >= 1, got {every_n_steps}")
         if score != "l1":
             problems.append(f"score must be 'l1', got {score!r}")
+        if refresh_directions not in ("gradient", "random"):
+            problems.append(f"refresh_directions must be 'gradient' or 'random', got {refresh_directions!r}")
+        if calibration_batches < 1:
+            problems.append(f"calibration_batches must be >= 1, got {calibration_batches}")
         if problems:
             raise ValueError("invalid RowwiseProxyUpdate: " + "; ".join(problems))
         self.k, self.warmup_k, self.warmup_steps = k, warmup_k, warmup_steps
@@ -68,7 +95,16 @@ class RowwiseProxyUpdate(Callback):
         """Rows merged over all layers and updates (flush excluded)."""
         self.rows_flushed = 0
         """Rows merged by the final flush."""
+        self.refresh_every_n_steps, self.refresh_directions = refresh_every_n_steps, refresh_directions
+        self.calibration_batches = calibration_batches
+        self.refreshes = 0
+        """A refreshes done (resumes included); also seeds the random directions of the next one."""
+        self.rows_refreshed = 0
+        """Rows merged by the flushes before A refreshes."""
+        self.a_initialised = False
+        """Whether the gradient calibration of ``init: gradient`` layers ran (a resumed run must not repeat it)."""
         self._proxy: ProxyUpdater | None = None
+        self._capture: WeightGradientCapture | None = None
 
     def _build_updater(self, pl_module: LightningModule) -> ProxyUpdater:
         # Once per fit: the set of layers is fixed after configure_model, so the step never walks the module tree.
@@ -88,6 +124,65 @@ class RowwiseProxyUpdate(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._proxy = self._build_updater(pl_module)
         self.last_step = trainer.global_step
+        if self.refresh_every_n_steps and not all(layer.rows_are_local for layer in self._proxy.layers):
+            raise ValueError("RowwiseProxyUpdate: refresh_every_n_steps needs unsharded FalqonLinear layers; unset it")
+
+    def initialise_A(self, model: Any, losses: Any, reduce: Any = None) -> None:
+        """Gradient-informed ``A`` of ``init: gradient`` layers from ``losses`` (closures, one per calibration
+        batch; ``reduce`` sums a gradient over ranks), once per run."""
+        if not self.a_initialised:
+            calibrate_gradient_init(model, losses, reduce)
+            self.a_initialised = True
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        layers = falqon_layers(pl_module).values()
+        if self.a_initialised or not any(layer.config.init == InitMethod.GRADIENT for layer in layers):
+            return
+        if not hasattr(pl_module, "loss_and_predictions"):
+            raise TypeError("init 'gradient' needs a FalqonLitModule (loss_and_predictions) to run its calibration")
+
+        def losses():
+            for _, batch in zip(range(self.calibration_batches), trainer.train_dataloader, strict=False):
+                batch = trainer.strategy.batch_to_device(batch)
+
+                def loss(batch=batch):
+                    with trainer.precision_plugin.train_step_context():
+                        return pl_module.loss_and_predictions(batch)[0]
+
+                yield loss
+
+        self.initialise_A(pl_module, losses(), lambda g: trainer.strategy.reduce(g, reduce_op="sum"))
+
+    def _refresh_due(self, trainer: Trainer, step: int) -> bool:
+        # Not after the last step: the final flush follows and nothing would train the new A.
+        last = getattr(trainer, "max_steps", -1)
+        every = self.refresh_every_n_steps
+        return bool(every) and step % every == 0 and (last is None or last < 0 or step < last)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # The step that ends in a refresh also captures its dense weight gradient (every micro-batch of it).
+        upcoming = trainer.global_step + 1
+        if self._capture is None and self.refresh_directions == "gradient" and self._refresh_due(trainer, upcoming):
+            self._capture = WeightGradientCapture(falqon_layers(pl_module)).__enter__()
+
+    def _refresh(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        layers = falqon_layers(pl_module)
+        if self.refresh_directions == "gradient":
+            if self._capture is None:
+                raise RuntimeError("A refresh found no captured gradient: on_train_batch_start did not run")
+            self._capture.__exit__()
+            grads = {n: trainer.strategy.reduce(g, reduce_op="sum") for n, g in self._capture.grads.items()}
+            self._capture = None
+            directions = gradient_directions(layers, grads)
+        else:
+            directions = random_directions(layers, self.refreshes)
+        self.rows_refreshed += refresh_A(layers, directions)
+        for optimizer in trainer.optimizers:  # Adam's moments of B were in the old A's coordinates
+            for layer in layers.values():
+                optimizer.state.pop(layer.lora_B, None)
+        self.refreshes += 1
 
     @override
     def on_train_batch_end(
@@ -98,8 +193,12 @@ class RowwiseProxyUpdate(Callback):
         if step == self.last_step:
             return
         self.last_step = step
-        if step % self.every_n_steps:
-            return
+        if step % self.every_n_steps == 0:
+            self._update(trainer, pl_module, step)
+        if self._refresh_due(trainer, step):
+            self._refresh(trainer, pl_module)
+
+    def _update(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         if self._proxy is None:
             self._proxy = self._build_updater(pl_module)
         layers = self._proxy.layers
@@ -122,18 +221,29 @@ class RowwiseProxyUpdate(Callback):
         # Not on_fit_end: Lightning moves the model to the CPU before that hook (strategy teardown).
         if not self.flush_at_end:
             return
-        self.rows_flushed = sum(layer.flush() for layer in falqon_layers(pl_module).values())
+        self.rows_flushed = flush_all(pl_module)
         rank_zero_info(
             f"RowwiseProxyUpdate: {self.updates} updates merged {self.rows_merged} rows; "
-            f"final flush merged {self.rows_flushed} rows"
+            f"final flush merged {self.rows_flushed} rows; {self.refreshes} A refreshes"
         )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "updates": self.updates, "rows_merged": self.rows_merged}
+        return {
+            "last_step": self.last_step,
+            "updates": self.updates,
+            "rows_merged": self.rows_merged,
+            "refreshes": self.refreshes,
+            "rows_refreshed": self.rows_refreshed,
+            "a_initialised": self.a_initialised,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict["last_step"])
         self.updates = int(state_dict["updates"])
         self.rows_merged = int(state_dict["rows_merged"])
+        # Checkpoints from before A refreshes lack these keys.
+        self.refreshes = int(state_dict.get("refreshes", 0))
+        self.rows_refreshed = int(state_dict.get("rows_refreshed", 0))
+        self.a_initialised = bool(state_dict.get("a_initialised", False))

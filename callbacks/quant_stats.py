@@ -184,25 +184,12 @@ class QuantStats(Callback):
 
     @rank_zero_only
     def _plot(self, trainer: Trainer) -> None:
-        import matplotlib
+        """The figure ``falqon plot`` draws (one producer): what the loggers hold, else this callback's history."""
+        from falqon_lit import plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        panels = [s for s in _SUMMARY if s in self.history]
-        cols = 4
-        rows = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-        for ax, stat in zip(axes.flat, panels, strict=False):
-            steps, values = zip(*self.history[stat], strict=True)
-            ax.plot(steps, values, marker=".")
-            ax.set_title(f"{stat} ({_SUMMARY[stat]} over layers)", fontsize=9)
-            ax.set_xlabel("optimizer step", fontsize=8)
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        self.plot_path = Path(log_dir) / "quant_stats.png"
-        self.plot_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.plot_path, dpi=100)
-        plt.close(fig)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        for logger in trainer.loggers:
+            logger.save()  # flush a CSVLogger's metrics.csv before reading it back
+        metrics = plots.read_metrics(log_dir) if plots.has_logs(log_dir) else {}  # no file-writing logger: history
+        metrics.update({f"quant/{stat}": series for stat, series in self.history.items()})
+        self.plot_path = plots.save_figure(plots.quant_stats_figure(metrics), log_dir / plots.QUANT_STATS_PNG)

@@ -1,7 +1,7 @@
 """``ReplicaConsistencyCheck``: verify that data-parallel replicas hold byte-identical FALQON state.
 
 Under DDP only ``lora_B`` trains; after the gradient all-reduce every rank sees the same ``B``, picks the same top-k
-rows and applies the same merge, so the FP8 buffers stay identical without ever being communicated (DESIGN.md §3).
+rows and applies the same merge, so the FP8 buffers stay identical without ever being communicated (docs/design.md §3).
 This callback checks that instead of assuming it: every ``every_n_steps`` optimizer steps (and when fit ends) each
 rank fingerprints ``weight_fp8``, ``weight_scale`` and ``lora_B`` of every ``FalqonLinear`` on its device, the
 fingerprints are all-gathered (16 bytes per tensor), and a mismatch raises on every rank, naming the first layer that

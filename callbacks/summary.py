@@ -10,9 +10,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from falqon_lit.callbacks.throughput import Throughput
 from falqon_lit.layer import falqon_layers
-
-IGNORE_INDEX = -100
+from falqon_lit.prompts import IGNORE_INDEX
 
 
 class FitSummary(Callback):
@@ -63,6 +63,12 @@ class FitSummary(Callback):
             pl_module.train(was_training)
         return total / max(tokens, 1)
 
+    @staticmethod
+    def _log_loss(trainer: Trainer, loss: float) -> None:
+        # At the optimizer steps done, so the training curves show where the fit started (falqon_lit.plots).
+        for logger in trainer.loggers:
+            logger.log_metrics({"summary/val_loss": loss}, step=trainer.global_step)
+
     def _samples(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         if not self.num_samples:
             return []
@@ -73,6 +79,7 @@ class FitSummary(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.loss_before = self.evaluate(trainer, pl_module)
+        self._log_loss(trainer, self.loss_before)
         self.samples_before = self._samples(trainer, pl_module)
         self._start_step = trainer.global_step
         self._start = time.perf_counter()
@@ -83,6 +90,7 @@ class FitSummary(Callback):
         # generation would run there (minutes for SmolLM2 on a GPU host). Place after RowwiseProxyUpdate.
         seconds = time.perf_counter() - self._start
         self.loss_after = self.evaluate(trainer, pl_module)
+        self._log_loss(trainer, self.loss_after)
         self.samples_after = self._samples(trainer, pl_module)
         self._print(trainer, pl_module, seconds)
 
@@ -92,6 +100,7 @@ class FitSummary(Callback):
         fp8_bytes = sum(layer.weight_fp8.numel() for layer in layers)
         rows_merged = sum(int(layer.merge_rows) for layer in layers)
         steps = trainer.global_step - self._start_step
+        throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
         return [
             ("optimizer steps", f"{steps} (global step {trainer.global_step})"),
             ("fit time", f"{seconds:.1f} s ({seconds / max(steps, 1):.2f} s/step)"),
@@ -100,6 +109,7 @@ class FitSummary(Callback):
             ("FALQON layers", str(len(layers))),
             ("FP8 weight bytes [W; A]", f"{fp8_bytes:,} ({fp8_bytes / 2**20:.1f} MiB)"),
             ("rows merged into FP8 W", f"{rows_merged:,}"),
+            *(throughput.summary_rows(trainer.world_size) if throughput is not None else []),
         ]
 
     @rank_zero_only

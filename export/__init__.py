@@ -5,7 +5,7 @@ No post-training quantization: every target writes the trained FP8 bytes (or the
 
 from .errors import ExportError
 from .hf import write_hf
-from .loading import ExportSource, flush_model, load_for_export, save_falqon_model
+from .loading import ExportSource, load_for_export, save_falqon_model
 from .manifest import MANIFEST_NAME, atomic_directory, check_manifest, read_manifest
 from .onnx_graph import ONNX_OPSET, write_onnx
 from .pipeline import TARGETS, ExportOptions, ExportReport, ExportTarget, export_model, get_target
@@ -41,7 +41,6 @@ __all__ = [
     "Tolerance",
     "VerifyResult",
     "print_report",
-    "flush_model",
     "MANIFEST_NAME",
     "atomic_directory",
     "read_manifest",

@@ -14,13 +14,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from falqon_lit.exit_codes import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE
+
+from .destination import check_destination
 from .errors import ExportError
 from .loading import load_for_export
 from .onnx_graph import ONNX_OPSET
 from .pipeline import TARGETS, ExportOptions, export_model
 from .verify import DEFAULT_PROMPTS, print_report
-
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +68,14 @@ def _prompts(path: Path | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter; returns the exit status."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True)
     args = build_parser().parse_args(argv)
+
+    def say(line: str) -> None:
+        console.print(f"[bold]falqon-export[/]: {escape(line)}", highlight=False)
+
     try:
         if args.target not in TARGETS:
             raise ExportError(f"unknown export target {args.target!r}; choose one of {', '.join(TARGETS)}")
@@ -77,10 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dtype, args.weight_strategy, args.onnx_activations, args.onnx_precision, args.opset
         )
         prompts = _prompts(args.prompts_file)
-        if args.out.exists() and not args.force:
-            raise ExportError(
-                f"output folder '{args.out}' already exists; pass --force to replace it or choose another --out"
-            )
+        check_destination(args.out, args.force, say)  # before loading: a bad --out fails in a second, not after work
         console.print(f"loading {args.ckpt}")
         source = load_for_export(args.ckpt)
         report = export_model(
@@ -94,16 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts=prompts,
             new_tokens=args.new_tokens,
             falqon_config=source.falqon_config,
-            progress=lambda line: console.print(f"[bold]falqon-export[/]: {line}", highlight=False),
+            progress=say,
         )
     except ExportError as err:
         print(f"falqon-export: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE
     if report.results:
         print_report(report.results, console)
     if args.json:
-        print(json.dumps([r.as_dict() for r in report.results], indent=2))
-    return EXIT_OK if report.passed else EXIT_VERIFY_FAILED
+        print(json.dumps([r.as_dict() for r in report.results], indent=2, allow_nan=False))
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 
 
 if __name__ == "__main__":

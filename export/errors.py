@@ -1,6 +1,7 @@
 """The one exception type of ``falqon-export``: a bad input or an artefact the target cannot express.
 
-Every message names the thing, the value and the fix (STYLE §5); the CLI prints it as one line and exits non-zero.
+Every message names the thing, the value and the fix (docs/style.md §5); the CLI prints it as one line and exits
+non-zero.
 """
 
 from __future__ import annotations

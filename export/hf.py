@@ -15,6 +15,7 @@ from torch import nn
 from falqon_lit.layer import falqon_layers
 
 from .hf_folder import (
+    checkpoint_names,
     high_precision_state_dict,
     tensor_facts,
     write_config,
@@ -39,7 +40,7 @@ def write_hf(model: nn.Module, tokenizer: Any, folder: Path, *, dtype: torch.dty
     Returns:
         Manifest facts (tensors written).
     """
-    tensors = {**high_precision_state_dict(model, dtype), **dense_tensors(model, dtype)}
+    tensors = checkpoint_names(model, {**high_precision_state_dict(model, dtype), **dense_tensors(model, dtype)})
     write_config(model, folder, dtype)
     write_tokenizer_and_generation_config(model, tokenizer, folder)
     write_safetensors(tensors, folder)

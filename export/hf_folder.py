@@ -46,6 +46,24 @@ def high_precision_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str,
     return out
 
 
+def checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under the names the model's own checkpoints use, as ``save_pretrained`` writes them.
+
+    transformers renames and merges some weights on load (GPT-NeoX ``embed_out`` → ``lm_head``; MoE experts
+    ``experts.N.gate_proj``/``up_proj`` or Mixtral ``block_sparse_moe.experts.N.w1``/``w3`` → one 3-D
+    ``mlp.experts.gate_up_proj``); its save path reverts that, and so does this, with the same function.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def checkpoint_name(model: nn.Module, module_name: str) -> str:
+    """The checkpoint name of one module (a renamed one, not a merged one: see :func:`checkpoint_names`)."""
+    (name,) = checkpoint_names(model, {f"{module_name}.weight": torch.zeros(1)})
+    return name.removesuffix(".weight")
+
+
 def tensor_facts(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
     """``{name: {"shape", "dtype"}}`` for the manifest."""
     return {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()}

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from falqon_lit.checkpoint import CheckpointError, load_checkpoint, plain_falqon, rebuild_converted
-from falqon_lit.config import FalqonConfig
+from falqon_lit.checkpoint import CheckpointError, load_checkpoint, rebuild_converted
+from falqon_lit.config import FalqonConfig, plain_dict
 from falqon_lit.layer import falqon_layers
 
 from .errors import ExportError
@@ -43,11 +43,6 @@ class ExportSource:
     """Where it came from, for messages."""
 
 
-def config_to_dict(config: FalqonConfig | None) -> dict[str, Any] | None:
-    """JSON-safe dict of a ``FalqonConfig`` (enums as their string values)."""
-    return None if config is None else plain_falqon(config)
-
-
 def require_falqon(model: nn.Module, origin: str) -> None:
     """Raise unless ``model`` holds at least one ``FalqonLinear``."""
     if not falqon_layers(model):
@@ -55,16 +50,6 @@ def require_falqon(model: nn.Module, origin: str) -> None:
             f"'{origin}' is not a FALQON model: it has no FalqonLinear layers; convert it with "
             "falqon_lit.convert_model and train it (falqon fit) before exporting"
         )
-
-
-@torch.no_grad()
-def flush_model(model: nn.Module) -> int:
-    """Merge every pending row of ``B`` into the FP8 weights (paper §3.3), so ``W`` alone is the trained model.
-
-    Returns:
-        Rows merged over all layers (0 when every ``B`` was already zero).
-    """
-    return sum(layer.flush() for layer in falqon_layers(model).values())
 
 
 # ------------------------------------------------------------------------------------------------ saved folders
@@ -92,7 +77,7 @@ def save_falqon_model(
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         meta = {
             "format": "falqon-model/1",
-            "falqon_config": config_to_dict(config),
+            "falqon_config": plain_dict(config) if config is not None else None,
             "converted": list(layers),
             "dtype": str(hp_dtype).removeprefix("torch."),
         }

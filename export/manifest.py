@@ -1,61 +1,24 @@
-"""Atomic output folders and the export manifest (shapes, dtypes and sha256 of every file written).
+"""The export manifest (shapes, dtypes and sha256 of every file written); strict JSON.
 
-A folder is built under a hidden temporary name next to the target and renamed into place only when complete, so a
-failed or killed export never leaves a folder at the target path (a killed one may leave the hidden temporary
-folder, named ``.<target>.tmp-*``, which is safe to delete).
+Folders are published by ``destination.atomic_directory`` (re-exported here for its older callers).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .destination import atomic_directory
 from .errors import ExportError
+
+__all__ = ["MANIFEST_NAME", "atomic_directory", "check_manifest", "read_manifest", "sha256_file", "write_manifest"]
 
 MANIFEST_NAME = "falqon_manifest.json"
 """File name of the manifest inside every exported folder."""
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder next to ``target``; rename it to ``target`` when the block succeeds.
-
-    Args:
-        target: the final folder path.
-        force: replace an existing ``target`` (only after the new folder is complete).
-
-    Raises:
-        ExportError: ``target`` exists and ``force`` is false, or it is a file.
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise ExportError(
-            f"output folder '{target}' already exists; pass --force to replace it or choose another --out"
-        )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"output path '{target}' is a file, not a folder; remove it or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes owner-only folders; an exported model should read like any other folder
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / target.name)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -90,7 +53,7 @@ def write_manifest(folder: Path, target: str, tensors: dict[str, dict[str, Any]]
         **extra,
     }
     path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -30,7 +30,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.config import ScaleGranularity
+from falqon_lit.experts import routed_experts
+from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
 from .hf_folder import write_tokenizer_and_generation_config
@@ -65,6 +67,9 @@ def _trace(model: nn.Module, path: Path, opset: int) -> None:
                 str(path),
                 dynamo=False,
                 opset_version=opset,
+                # Folding would store Cast(table)ᵀ of the output head as a second, float32 initializer; onnxruntime
+                # folds constants itself when it loads the graph.
+                do_constant_folding=False,
                 input_names=["input_ids", "attention_mask"],
                 output_names=["logits"],
                 dynamic_axes=dynamic_axes,
@@ -127,6 +132,20 @@ def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear], 
     graph.node.extend(new_nodes + old_nodes)
 
 
+def require_dense(model: nn.Module) -> None:
+    """Refuse a mixture-of-experts model: its routing (``aten::histc``, data-dependent expert loops) does not trace.
+
+    Raises:
+        ExportError: the model has routed experts.
+    """
+    experts = routed_experts(model)
+    if experts:
+        raise ExportError(
+            f"--target onnx cannot export a mixture-of-experts model ({type(model).__name__}: {len(experts)} routed "
+            "expert blocks; torch.onnx cannot trace the routing); use --target vllm or --target hf"
+        )
+
+
 def write_onnx(
     model: nn.Module,
     tokenizer: Any,
@@ -135,22 +154,32 @@ def write_onnx(
     activations: ActivationMode | str = ActivationMode.FP8,
     precision: Precision | str = Precision.FLOAT32,
     opset: int = ONNX_OPSET,
+    table_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, Any]:
     """Write ``model.onnx`` (+ ``model.onnx.data`` past 1 GiB), tokenizer and generation config into ``folder``.
 
-    The model must already be flushed. Returns manifest facts (FP8 initializers, opset, activation mode, precision).
+    The model must already be flushed. The input embedding and output head are stored once, in ``table_dtype``
+    (``--dtype``), and cast at run time (see ``embedding_standin``). Returns manifest facts (FP8 initializers,
+    opset, activation mode, precision).
 
     Raises:
         ExportError: an opset below 19, or a model the TorchScript exporter cannot trace.
     """
+    require_dense(model)
     activations, precision = ActivationMode(activations), Precision(precision)
     if opset < ONNX_OPSET:
         raise ExportError(
             f"FP8 DequantizeLinear needs ONNX opset >= {ONNX_OPSET}, got {opset}; use --opset {ONNX_OPSET}"
         )
+    blocked = [n for n, m in falqon_layers(model).items() if m.config.weight_scaling == ScaleGranularity.BLOCK]
+    if blocked:
+        raise ExportError(
+            f"--target onnx writes per-tensor or per-row FP8 scales, but {len(blocked)} layers (first: {blocked[0]!r}) "
+            "have 128x128 block scales; export them with --target vllm (or hf)"
+        )
     traced_dir = folder / "_traced"
     traced_dir.mkdir()
-    with dequantized_view(model, activations, precision) as layers:
+    with dequantized_view(model, activations, precision, table_dtype) as layers:
         _trace(model, traced_dir / ONNX_FILE, opset)
     graph_model = onnx.load(str(traced_dir / ONNX_FILE))
     shutil.rmtree(traced_dir)
@@ -177,6 +206,7 @@ def write_onnx(
             "opset": opset,
             "activations": activations.value,
             "precision": precision.value,
+            "embedding_dtype": str(table_dtype).removeprefix("torch."),
             "inputs": ["input_ids", "attention_mask"],
             "outputs": ["logits"],
             "fp8_layers": len(layers),

@@ -18,20 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from falqon_lit.config import FalqonConfig
-from falqon_lit.layer import falqon_layers
+from falqon_lit.backbone import DTYPES
+from falqon_lit.config import FalqonConfig, plain_dict
+from falqon_lit.layer import falqon_layers, flush_all
 
+from .destination import atomic_directory, check_destination
 from .errors import ExportError
 from .hf import write_hf
-from .loading import config_to_dict, flush_model, require_falqon
-from .manifest import atomic_directory, write_manifest
-from .onnx_graph import ONNX_OPSET, write_onnx
+from .loading import require_falqon
+from .manifest import write_manifest
+from .onnx_graph import ONNX_OPSET, require_dense, write_onnx
 from .readback import verify_hf_folder, verify_onnx_folder, verify_vllm_folder
 from .standin import ActivationMode, Precision
 from .verify import DEFAULT_PROMPTS, Sample, VerifyResult, encode_prompts, reference_samples
 from .vllm import WeightStrategy, write_vllm
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.dtype not in _DTYPES:
-            problems.append(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.weight_strategy not in {s.value for s in WeightStrategy}:
             problems.append(
                 f"--weight-strategy must be one of {[s.value for s in WeightStrategy]}, got {self.weight_strategy!r}"
@@ -72,7 +72,7 @@ class ExportOptions:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
 Writer = Callable[[nn.Module, Any, Path, ExportOptions], dict[str, Any]]
@@ -89,6 +89,10 @@ class ExportTarget:
     verify: Verifier
     reference: Callable[[ExportOptions], Precision] = lambda options: Precision.FLOAT32
     """Arithmetic of the reference the artefact is verified against (float64 for a float64 ONNX graph)."""
+    check: Callable[[nn.Module], None] = lambda model: None
+    """Raises ``ExportError`` for a model the target cannot express, before any work."""
+    reference_tables: Callable[[ExportOptions], torch.dtype | None] = lambda options: None
+    """dtype the artefact stores the input embedding and output head in, when the reference must round them too."""
 
 
 TARGETS: dict[str, ExportTarget] = {
@@ -104,10 +108,18 @@ TARGETS: dict[str, ExportTarget] = {
             "onnx",
             "ONNX graph with FLOAT8E4M3FN weights -> DequantizeLinear -> MatMul (onnxruntime CPU)",
             lambda m, tok, d, o: write_onnx(
-                m, tok, d, activations=o.onnx_activations, precision=o.onnx_precision, opset=o.opset
+                m,
+                tok,
+                d,
+                activations=o.onnx_activations,
+                precision=o.onnx_precision,
+                opset=o.opset,
+                table_dtype=o.torch_dtype,
             ),
             lambda d, m, s, o: verify_onnx_folder(d, m, s, o.onnx_activations, o.onnx_precision),
             lambda o: Precision(o.onnx_precision),
+            require_dense,
+            lambda o: o.torch_dtype,
         ),
         ExportTarget(
             "hf",
@@ -139,7 +151,8 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """No gating check failed (skipped and informational checks do not fail an export)."""
+        return not any(r.failed for r in self.results)
 
 
 def _version() -> str:
@@ -185,10 +198,9 @@ def export_model(
     say = progress or (lambda _: None)
     spec = get_target(target)
     options = options or ExportOptions()
-    out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"output folder '{out}' already exists; pass --force to replace it or choose another --out")
+    out = check_destination(out, force, say)
     require_falqon(model, type(model).__name__)
+    spec.check(model)
     if tokenizer is None:
         raise ExportError("no tokenizer given; the export copies the tokenizer next to the weights, so pass one")
     if verify and (not prompts or new_tokens < 1):
@@ -196,17 +208,18 @@ def export_model(
     layers = falqon_layers(model)
     falqon_config = falqon_config or next(iter(layers.values())).config
 
-    rows = flush_model(model)
+    rows = flush_all(model)
     say(f"flushed {rows} pending B rows into the FP8 weights of {len(layers)} FALQON layers")
     samples = []
     if verify:
         precision = spec.reference(options)
         say(f"reference: trainer FP8 forward ({precision.value}), {len(prompts)} prompts x {new_tokens} greedy tokens")
-        samples = reference_samples(model, encode_prompts(tokenizer, prompts), new_tokens, precision)
+        ids = encode_prompts(tokenizer, prompts)
+        samples = reference_samples(model, ids, new_tokens, precision, spec.reference_tables(options))
 
     report = ExportReport(target, None, rows)
     try:
-        with atomic_directory(out, force=force) as tmp:
+        with atomic_directory(out, force=force, say=say) as tmp:
             say(f"writing {spec.name}: {spec.description}")
             facts = spec.write(model, tokenizer, tmp, options)
             if verify:
@@ -214,7 +227,7 @@ def export_model(
                 report.results = spec.verify(tmp, model, samples, options)
             extra = {
                 "falqon_lit_version": _version(),
-                "falqon_config": config_to_dict(falqon_config),
+                "falqon_config": plain_dict(falqon_config) if falqon_config is not None else None,
                 "export_options": dataclasses.asdict(options),
                 "rows_flushed": rows,
                 "verification": [r.as_dict() for r in report.results] if verify else None,
@@ -222,7 +235,7 @@ def export_model(
             }
             write_manifest(tmp, spec.name, facts.get("tensors", {}), extra)
             if not report.passed:
-                failed = ", ".join(r.backend for r in report.results if not r.passed)
+                failed = ", ".join(r.backend for r in report.results if r.failed)
                 say(f"verification failed ({failed}); nothing written to '{out}' (use --no-verify to write anyway)")
                 raise _VerificationFailed
     except _VerificationFailed:

@@ -17,9 +17,11 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from falqon_lit.config import ScaleGranularity
+from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
 from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 from falqon_lit.layer import FalqonLinear, falqon_layers
+
+from .embedding_standin import stored_embeddings
 
 
 class ActivationMode(str, enum.Enum):
@@ -69,6 +71,21 @@ class _Fp8RoundTrip(torch.autograd.Function):
         return g.op("Cast", x_back, to_i=TensorProto.DOUBLE) if dtype == torch.float64 else x_back
 
 
+def _activation_amax(x: torch.Tensor, scaling: ScaleGranularity) -> torch.Tensor:
+    """amax per tensor, per token, or per 1 × 128 group of a token (broadcast back over the group's columns)."""
+    if scaling == ScaleGranularity.TENSOR:
+        # Shape (1,), not 0-dim: the TorchScript exporter demotes 0-dim float64 arithmetic to float32, which would
+        # round the float64 graph's per-tensor scale to float32 (the reference's is float64).
+        return x.abs().amax().reshape(1)
+    if scaling == ScaleGranularity.ROW:
+        return x.abs().amax(dim=-1, keepdim=True)
+    cols = x.shape[-1]
+    groups = -(-cols // SCALE_BLOCK)
+    padded = nn.functional.pad(x.abs(), (0, groups * SCALE_BLOCK - cols))  # zeros never raise an amax
+    group_amax = padded.unflatten(-1, (groups, SCALE_BLOCK)).amax(dim=-1)
+    return group_amax.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :cols]
+
+
 class _DequantLinear(nn.Module):
     """Export-time stand-in for a ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ + bias`` in float32 or float64."""
 
@@ -79,13 +96,13 @@ class _DequantLinear(nn.Module):
         self.register_buffer("weight_t", layer.dequantized_weight(torch.float32).t().contiguous().to(dtype))
         bias = None if layer.bias is None else layer.bias.detach().to(dtype)
         self.register_buffer("bias", bias)
-        self.per_token = layer.config.act_scaling == ScaleGranularity.ROW
+        self.act_scaling = layer.config.act_scaling
         self.round_input = activations == ActivationMode.FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.round_input:
             # Same arithmetic as numerics.quantize_dynamic: scale = max(amax, eps) / 448, x / scale saturated.
-            amax = x.abs().amax(dim=-1, keepdim=True) if self.per_token else x.abs().amax()
+            amax = _activation_amax(x, self.act_scaling)
             scale = amax.clamp(min=AMAX_EPS) / fp8_max(E4M3)
             x = _Fp8RoundTrip.apply((x / scale).clamp(-fp8_max(E4M3), fp8_max(E4M3))) * scale
         y = x @ self.weight_t
@@ -139,12 +156,16 @@ def _float32_islands(model: nn.Module) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def dequantized_view(
-    model: nn.Module, activations: ActivationMode, precision: Precision = Precision.FLOAT32
+    model: nn.Module,
+    activations: ActivationMode,
+    precision: Precision = Precision.FLOAT32,
+    table_dtype: torch.dtype | None = None,
 ) -> Iterator[dict[str, FalqonLinear]]:
     """Swap FALQON layers for stand-ins and cast the rest to ``precision``; restore both afterwards (lossless).
 
     In float64, Llama-style RMSNorms and rotary embeddings are swapped too: Hugging Face computes them in float32
     regardless of the model dtype, which would leave float32 rounding for FP8 activation rounding to amplify.
+    With ``table_dtype``, the input embedding and output head keep one table in that dtype (the ONNX graph's).
     """
     layers = falqon_layers(model)
     dtype = Precision(precision).dtype
@@ -156,15 +177,18 @@ def dequantized_view(
         swaps.update(wide)
     dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     was_training = model.training
+    tables = contextlib.ExitStack()
     try:
         for name, module in swaps.items():
             model.set_submodule(name, module)
+        stored = tables.enter_context(stored_embeddings(model, table_dtype, dtype)) if table_dtype else set()
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point() and tensor.dtype != dtype:
+            if tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in stored:
                 tensor.data = tensor.data.to(dtype)
         model.eval()
         yield layers
     finally:
+        tables.close()
         for name, module in originals.items():
             model.set_submodule(name, module)
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -5,10 +5,10 @@ vLLM (and transformers with compressed-tensors) load it with no conversion step.
 input activations are dynamic FP8, ``tensor`` or ``token`` as trained; ``lm_head`` and every layer that was not
 converted are on the ``ignore`` list and, like embeddings and norms, stay high precision. No weight is re-rounded.
 
-Scale strategy (DESIGN §5). Row scales export as the ``channel`` strategy, ``weight_scale`` ``(out, 1)``. A tensor
-scale can export as ``tensor`` (``weight_scale`` ``(1,)``) only without loss when vLLM keeps the bytes: vLLM fuses
-q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` and, for the ``tensor`` strategy, requantizes every shard
-to the largest shard scale (``requantize_with_max_scale`` in vLLM's ``w8a8_utils``/``fp8_utils``, called from
+Scale strategy (docs/design.md §5). Row scales export as the ``channel`` strategy, ``weight_scale`` ``(out, 1)``. A
+tensor scale can export as ``tensor`` (``weight_scale`` ``(1,)``) only without loss when vLLM keeps the bytes: vLLM
+fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` and, for the ``tensor`` strategy, requantizes every
+shard to the largest shard scale (``requantize_with_max_scale`` in vLLM's ``w8a8_utils``/``fp8_utils``, called from
 ``process_fp8_weight_tensor_strategy``), while the ``channel`` path keeps the bytes as loaded. So ``auto`` writes
 ``tensor`` only when every fused group's shard scales are identical, and otherwise the exact equivalent: the tensor
 scale repeated per output channel, ``channel`` strategy.
@@ -27,10 +27,14 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 
 from falqon_lit.config import ScaleGranularity
+from falqon_lit.experts import routed_experts, routers
+from falqon_lit.fp8.numerics import compact_block_scale
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 from .errors import ExportError
 from .hf_folder import (
+    checkpoint_name,
+    checkpoint_names,
     high_precision_state_dict,
     tensor_facts,
     write_config,
@@ -58,9 +62,9 @@ class VllmPlan:
     """What the vLLM export writes, decided from the model before any file is touched."""
 
     weight_strategy: str
-    """``tensor`` or ``channel``."""
+    """``tensor``, ``channel`` or ``block``."""
     act_strategy: str
-    """``tensor`` or ``token`` (dynamic)."""
+    """``tensor``, ``token`` or ``group`` (dynamic)."""
     ignore: list[str] = field(default_factory=list)
     """Layers left in high precision: ``lm_head`` and every linear that is not a FALQON layer."""
     reason: str = ""
@@ -120,11 +124,10 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
                 f"vLLM fuses {mixed} into one layer, which needs one scheme for all shards; convert all of them "
                 "(or none) with FALQON"
             )
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    ignore = ["lm_head"] + [
-        n for n, m in model.named_modules() if type(m) is nn.Linear and m is not output_embeddings and n != "lm_head"
-    ]
+    ignore = _high_precision_modules(model)
 
+    if w_scaling == ScaleGranularity.BLOCK:
+        return VllmPlan("block", _act_strategy(a_scaling), ignore, "block scales export as the 128x128 block strategy")
     if w_scaling == ScaleGranularity.ROW:
         if weight_strategy == WeightStrategy.TENSOR:
             raise ExportError(
@@ -161,8 +164,20 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
     return VllmPlan("tensor", _act_strategy(a_scaling), ignore, "fused shards share their tensor scales")
 
 
+def _high_precision_modules(model: nn.Module) -> list[str]:
+    """Checkpoint names of the layers that stay high precision: the output head, every plain linear, MoE routers
+    and routed experts (kept as 3-D parameters, written per expert; see ``falqon_lit.experts``)."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = next((n for n, m in model.named_modules() if m is output_embeddings), "lm_head")
+    names = [head] + [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not output_embeddings]
+    names = [checkpoint_name(model, n) for n in names + list(routers(model))]
+    experts = {n: p for e in routed_experts(model) for n, p in model.get_submodule(e).named_parameters(prefix=e)}
+    names += [n.removesuffix(".weight") for n in checkpoint_names(model, experts)]
+    return list(dict.fromkeys(names))
+
+
 def _act_strategy(scaling: ScaleGranularity) -> str:
-    return "token" if scaling == ScaleGranularity.ROW else "tensor"
+    return {ScaleGranularity.ROW: "token", ScaleGranularity.BLOCK: "group"}.get(scaling, "tensor")
 
 
 def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
@@ -170,10 +185,20 @@ def build_quantization_config(plan: VllmPlan) -> QuantizationConfig:
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.weight_strategy, symmetric=True, dynamic=False
+            num_bits=8,
+            type="float",
+            strategy=plan.weight_strategy,
+            symmetric=True,
+            dynamic=False,
+            block_structure=[128, 128] if plan.weight_strategy == "block" else None,
         ),
         input_activations=QuantizationArgs(
-            num_bits=8, type="float", strategy=plan.act_strategy, symmetric=True, dynamic=True
+            num_bits=8,
+            type="float",
+            strategy=plan.act_strategy,
+            symmetric=True,
+            dynamic=True,
+            group_size=128 if plan.act_strategy == "group" else None,
         ),
     )
     return QuantizationConfig(
@@ -203,6 +228,8 @@ def fp8_tensors(model: nn.Module, plan: VllmPlan, dtype: torch.dtype) -> dict[st
         scale = layer.weight_scale_rows.detach().float().cpu()
         if plan.weight_strategy == "channel":
             scale = scale.reshape(-1, 1).expand(layer.out_features, 1)  # (out, 1), a tensor scale repeated
+        elif plan.weight_strategy == "block":
+            scale = compact_block_scale(scale)  # (ceil(out / 128), ceil(in / 128))
         tensors[f"{name}.weight"] = layer.weight_fp8[: layer.out_features].detach().cpu().clone()
         tensors[f"{name}.weight_scale"] = scale.contiguous().clone()
         if layer.bias is not None:
@@ -225,19 +252,26 @@ def write_vllm(
     Returns:
         Manifest facts: tensors written, scheme and the reason for the weight strategy.
     """
-    plan = plan_vllm_export(model, weight_strategy)
-    quantization_config = quantization_config_dict(plan)
-    tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+    source = getattr(model, "falqon_fp8_source", None)
+    if source is not None:  # imported from an FP8 checkpoint: its own format and scheme go back out
+        from .fp8_source import fp8_source_export
+
+        quantization_config, tensors, facts = fp8_source_export(model, source, dtype)
+    else:
+        plan = plan_vllm_export(model, weight_strategy)
+        quantization_config = quantization_config_dict(plan)
+        tensors = {**high_precision_state_dict(model, dtype), **fp8_tensors(model, plan, dtype)}
+        tensors = checkpoint_names(model, tensors)
+        facts = {
+            "vllm": {
+                "weight_strategy": plan.weight_strategy,
+                "input_activations": plan.act_strategy,
+                "ignore": plan.ignore,
+                "reason": plan.reason,
+                "fp8_layers": len(falqon_layers(model)),
+            },
+        }
     write_config(model, folder, dtype, quantization_config)
     write_tokenizer_and_generation_config(model, tokenizer, folder)
     write_safetensors(tensors, folder)
-    return {
-        "tensors": tensor_facts(tensors),
-        "vllm": {
-            "weight_strategy": plan.weight_strategy,
-            "input_activations": plan.act_strategy,
-            "ignore": plan.ignore,
-            "reason": plan.reason,
-            "fp8_layers": len(falqon_layers(model)),
-        },
-    }
+    return {"tensors": tensor_facts(tensors), **facts}

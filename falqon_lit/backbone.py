@@ -11,7 +11,7 @@ Three kinds of spec, as the ``model`` argument of :class:`~falqon_lit.module.Fal
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 EMBEDDED = "smollm2"
 """The name of the embedded default backbone."""
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Torch dtypes by the names the CLIs take (``--model.dtype``, ``falqon eval --dtype``, ``falqon-export --dtype``)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ def parse_dtype(name: str) -> torch.dtype:
     Raises:
         ValueError: an unknown name.
     """
-    if name not in _DTYPES:
-        raise ValueError(f"--model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _embedded_path() -> str:
@@ -74,7 +75,7 @@ def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None =
         FileNotFoundError: a path-like ``model`` or ``tokenizer`` that does not exist.
         ValueError: a config dict without a known ``model_type``.
     """
-    if tokenizer is not None and _looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
+    if tokenizer is not None and looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
         raise FileNotFoundError(f"--model.tokenizer folder {tokenizer!r} does not exist")
     if model is None or model == EMBEDDED:
         path = _embedded_path()
@@ -91,7 +92,7 @@ def resolve_backbone(model: str | dict[str, Any] | None, tokenizer: str | None =
         return BackboneSpec(_require_causal(config, model_type), None, tokenizer or _embedded_path())
     if not isinstance(model, str):
         raise TypeError(f"--model must be a path, a hub name, a config dict or None, got {type(model).__name__}")
-    if _looks_like_path(model) and not Path(model).expanduser().exists():
+    if looks_like_path(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(f"--model folder {model!r} does not exist; pass a Hugging Face model folder")
     name = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
     return BackboneSpec(_require_causal(_load_config(name), model), name, tokenizer or name)
@@ -113,9 +114,18 @@ def _require_causal(config: PretrainedConfig, name: str) -> PretrainedConfig:
     return config
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub names are "org/name"; anything absolute, relative-dotted, home-based or with more slashes is a path.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+def looks_like_path(name: str, suffixes: Iterable[str] = ()) -> bool:
+    """Whether a ``--model`` or ``--data.source`` string names a local path rather than a hub name.
+
+    Hub names are ``org/name``; anything absolute, relative-dotted, home-based, with more slashes, existing, or
+    ending in one of ``suffixes`` (data file types) is a path.
+    """
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or Path(name).suffix in suffixes
+        or Path(name).expanduser().exists()
+    )
 
 
 def load_tokenizer(spec: BackboneSpec) -> Tokenizer:
@@ -154,9 +164,18 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_model(spec: BackboneSpec, dtype: torch.dtype, init_seed: int = 0) -> PreTrainedModel:
-    """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG)."""
+    """Load pretrained weights, or build a random model with a fixed seed (independent of the global RNG).
+
+    An FP8 checkpoint folder keeps its FP8 linears as stored, for ``convert_model`` to take their bytes as they are
+    (:mod:`falqon_lit.fp8_checkpoint`).
+    """
     if spec.weights is not None:
+        from falqon_lit.fp8_checkpoint import detect_fp8_checkpoint, load_fp8_model
+
+        source = detect_fp8_checkpoint(spec.weights)
         with quiet_transformers():
+            if source is not None:
+                return load_fp8_model(source, dtype, init_seed)
             return AutoModelForCausalLM.from_pretrained(spec.weights, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)

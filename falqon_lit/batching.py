@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-IGNORE_INDEX = -100
+from falqon_lit.prompts import IGNORE_INDEX
 
 
 class ListDataset(Dataset):
-    """A list of encoded examples ``{"input_ids": list[int], "labels": list[int]}``."""
+    """A list of encoded examples ``{"input_ids": list[int], "labels": list[int]}``; a tuple of indices (a packed
+    row, see ``falqon_lit.packing``) gets the list of those examples."""
 
     def __init__(self, examples: Sequence[dict[str, Any]]) -> None:
         self.examples = list(examples)
@@ -24,7 +25,9 @@ class ListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, ...]) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, tuple):
+            return [self.examples[i] for i in index]
         return self.examples[index]
 
 
@@ -99,6 +102,14 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         skip, self.skip = self.skip, 0
         yield from self.batches()[skip:]
 
+    def padding_fraction(self, pad_to_multiple_of: int = 1, max_width: int | None = None) -> float:
+        """Fraction of padding tokens in this rank's batches of the current epoch, as ``collate`` pads them."""
+        real = padded = 0
+        for batch in self.batches():
+            real += sum(self.lengths[i] for i in batch)
+            padded += len(batch) * padded_width(max(self.lengths[i] for i in batch), pad_to_multiple_of, max_width)
+        return 1 - real / max(padded, 1)
+
     def __len__(self) -> int:
         total = (len(self.lengths) + self.batch_size - 1) // self.batch_size
         return total if self.num_replicas == 1 else total // self.num_replicas
@@ -135,12 +146,23 @@ class ResumableDataLoader(DataLoader):
         self.batch_sampler.skip = self.consumed if self.consumed < len(self.batch_sampler) else 0
 
 
-def collate(examples: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example, rounded up to ``pad_to_multiple_of`` (a GEMM alignment, e.g. torchao's
-    float8 needs token counts divisible by 16): padding gets ``attention_mask`` 0 and label ``-100`` (never
-    trained)."""
-    longest = max(len(e["input_ids"]) for e in examples)
+def padded_width(longest: int, pad_to_multiple_of: int = 1, max_width: int | None = None) -> int:
+    """Width of a batch whose longest example has ``longest`` tokens: rounded up to ``pad_to_multiple_of``, capped
+    at ``max_width`` (never below ``longest``)."""
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return width if max_width is None else max(longest, min(width, max_width))
+
+
+def collate(
+    examples: list[dict[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to ``pad_to_multiple_of`` and capped at ``max_width``: padding
+    gets ``attention_mask`` 0 and label ``-100`` (never trained).
+
+    Rounding up buckets the sequence lengths into a few shapes (multiples of 64 up to ``max_length`` give at most
+    ``max_length / 64`` shapes), so compiled steps stop recompiling for every new length; 16 is a GEMM alignment.
+    """
+    width = padded_width(max(len(e["input_ids"]) for e in examples), pad_to_multiple_of, max_width)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

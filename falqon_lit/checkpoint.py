@@ -2,10 +2,13 @@
 
 Every checkpoint a ``FalqonLitModule`` writes carries a *model record* under :data:`RECORD_KEY`: the backbone's
 architecture, its ``transformers`` config (and its sha256), the FALQON config, the dtype, the shape of every FALQON
-layer, and the tokenizer files. Resuming checks the record against the configured model (one line naming what
-differs), and :func:`load_checkpoint` rebuilds the trained model from the record and the state dict alone (the FP8
-bytes, ``B`` and every high-precision weight are in the state dict), so export and evaluation never need the
-original model folder. This is the one ``.ckpt`` loader of ``falqon eval`` and ``falqon-export``.
+layer, the projections that share a GEMM, the FP8 checkpoint the backbone was imported from (if any), and the
+tokenizer files. Resuming checks the record against the configured model (one line naming what differs; run-time
+choices that leave the model as it is, such as ``fused_block`` or the GEMM backend, are not compared), and
+:func:`load_checkpoint` rebuilds the trained model from the record and the state dict alone (the FP8 bytes, ``B`` and
+every high-precision weight are in the state dict), so export and evaluation never need the original model folder;
+an imported FP8 model's export still reads its source folder, to write that format back. This is the one ``.ckpt``
+loader of ``falqon eval`` and ``falqon-export``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from falqon_lit.config import FalqonConfig, InitMethod
+from falqon_lit.config import SCALE_BLOCK, FalqonConfig, InitMethod, ScaleGranularity, plain_dict
 from falqon_lit.convert import convert_model
+from falqon_lit.fp8.numerics import E4M3
+from falqon_lit.fp8_checkpoint import Fp8Checkpoint, Fp8SourceLinear
+from falqon_lit.grouped import projection_groups
 from falqon_lit.layer import falqon_layers
 
 RECORD_KEY = "falqon_model"
 """Key of the model record in a checkpoint dict."""
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "architectures")
+_RUNTIME_FALQON_KEYS = ("backend", "transpose_cache")
+"""FALQON config fields that pick kernels, not the model: a resume may change them."""
 _MODEL_PREFIX = "model."
 
 
@@ -57,11 +67,6 @@ def plain_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in _VOLATILE_CONFIG_KEYS}
 
 
-def plain_falqon(config: FalqonConfig) -> dict[str, Any]:
-    """A ``FalqonConfig`` as a JSON dict (enums as their string values)."""
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
-
-
 def _tokenizer_files(tokenizer: Any) -> dict[str, torch.Tensor]:
     # Bytes as uint8 tensors: they survive torch.load(weights_only=True), unlike raw bytes objects.
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +78,30 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, torch.Tensor]:
         }
 
 
+def fp8_source_layers(model: nn.Module) -> list[str]:
+    """Names of the layers an FP8 checkpoint import left as stored (call before ``convert_model`` replaces them)."""
+    return [name for name, module in model.named_modules() if isinstance(module, Fp8SourceLinear)]
+
+
+def _fp8_source_record(model: nn.Module, layers: list[str]) -> dict[str, Any] | None:
+    source: Fp8Checkpoint | None = getattr(model, "falqon_fp8_source", None)
+    if source is None:
+        return None
+    return {
+        "folder": str(source.folder),
+        "format": source.format,
+        "weight_scaling": source.weight_scaling.value,
+        "act_scaling": source.act_scaling.value,
+        "quantization_config": source.quantization_config,
+        "layers": list(layers),
+    }
+
+
+def _group_names(model: nn.Module) -> list[list[str]]:
+    names = {id(layer): name for name, layer in falqon_layers(model).items()}
+    return [[names[id(member)] for member in group.members] for group in projection_groups(model)]
+
+
 def model_record(
     config: Any,
     falqon: FalqonConfig,
@@ -81,21 +110,26 @@ def model_record(
     source: str | None = None,
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    fp8_layers: list[str] | None = None,
 ) -> dict[str, Any]:
     """What identifies the trained model: architecture, config (and hash), FALQON config, dtype; with ``model`` and
-    ``tokenizer`` also the FALQON layer shapes, the generation config and the tokenizer files (for rebuilding)."""
+    ``tokenizer`` also what rebuilds it: the FALQON layer shapes, the projection groups, the FP8 checkpoint it was
+    imported from (``fp8_layers``: its layers, from :func:`fp8_source_layers`), the generation config and the
+    tokenizer files."""
     values = plain_config(config)
     architectures = getattr(config, "architectures", None) or [values.get("model_type", "?")]
     record: dict[str, Any] = {
         "architecture": architectures[0],
         "config": values,
         "config_sha256": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest(),
-        "falqon": plain_falqon(falqon),
+        "falqon": plain_dict(falqon),
         "dtype": str(dtype).removeprefix("torch."),
         "source": source,
     }
     if model is not None:
         record["layer_shapes"] = {n: [m.out_features, m.in_features] for n, m in falqon_layers(model).items()}
+        record["groups"] = _group_names(model)
+        record["fp8_source"] = _fp8_source_record(model, fp8_layers or [])
         generation = getattr(model, "generation_config", None)
         record["generation_config"] = generation.to_dict() if generation is not None else None
     if tokenizer is not None:
@@ -109,6 +143,12 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any], limit: int = 3) 
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _model_falqon(values: dict[str, Any]) -> dict[str, Any]:
+    # Fields added after a checkpoint was written take their defaults; kernel choices are not the model.
+    full = {**plain_dict(FalqonConfig()), **values}
+    return {k: v for k, v in full.items() if k not in _RUNTIME_FALQON_KEYS}
+
+
 def mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """What differs between a checkpoint's record and the configured model's, as a phrase; ``None`` if they match."""
     if saved["config"].get("model_type") != wanted["config"].get("model_type"):
@@ -117,8 +157,9 @@ def mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> str | None:
         return f"its {saved['architecture']} config differs from the configured model's: " + _differences(
             saved["config"], wanted["config"]
         )
-    if saved["falqon"] != wanted["falqon"]:
-        return "its FALQON config differs: " + _differences(saved["falqon"], wanted["falqon"])
+    saved_falqon, wanted_falqon = _model_falqon(saved["falqon"]), _model_falqon(wanted["falqon"])
+    if saved_falqon != wanted_falqon:
+        return "its FALQON config differs: " + _differences(saved_falqon, wanted_falqon)
     if saved["dtype"] != wanted["dtype"]:
         return f"it was trained in {saved['dtype']}, --model.dtype is {wanted['dtype']}"
     return None
@@ -170,26 +211,84 @@ def read_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> d
 
 
 # ------------------------------------------------------------------------------------------------- rebuilding
+def _fp8_checkpoint(values: dict[str, Any]) -> Fp8Checkpoint:
+    return Fp8Checkpoint(
+        Path(values["folder"]),
+        values["format"],
+        ScaleGranularity(values["weight_scaling"]),
+        ScaleGranularity(values["act_scaling"]),
+        values["quantization_config"],
+    )
+
+
+def _place_fp8_source_layers(
+    model: nn.Module, source: Fp8Checkpoint, layers: list[str], converted: set[str], state: dict[str, torch.Tensor]
+) -> None:
+    """Put an ``Fp8SourceLinear`` where the FP8 import put one, so that ``convert_model`` builds those layers as it
+    did in training (the source's scales, ungrouped); every tensor of theirs is then loaded from ``state``."""
+    for name in layers:
+        linear = model.get_submodule(name)
+        out, cols = linear.out_features, linear.in_features
+        if name in converted:
+            weight_shape = (out, cols)
+            scale_shape = {
+                ScaleGranularity.TENSOR: (1,),
+                ScaleGranularity.ROW: (out, 1),
+                ScaleGranularity.BLOCK: (math.ceil(out / SCALE_BLOCK), math.ceil(cols / SCALE_BLOCK)),
+            }[source.weight_scaling]
+        elif f"{name}.weight_fp8" in state:  # left unconverted (ignored): stored as the source had it
+            weight_shape, scale_shape = state[f"{name}.weight_fp8"].shape, state[f"{name}.weight_scale"].shape
+        else:
+            continue  # reported as missing against the state below
+        bias = None if linear.bias is None else torch.zeros_like(linear.bias)
+        placeholder = Fp8SourceLinear(torch.zeros(weight_shape, dtype=E4M3), torch.ones(scale_shape), bias, source)
+        model.set_submodule(name, placeholder)
+
+
 def rebuild_converted(
-    config: Any, falqon: FalqonConfig, converted: list[str], dtype: torch.dtype, state: dict[str, torch.Tensor]
+    config: Any,
+    falqon: FalqonConfig,
+    converted: list[str],
+    dtype: torch.dtype,
+    state: dict[str, torch.Tensor],
+    *,
+    groups: list[list[str]] | None = None,
+    fp8_source: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A causal LM of ``config`` with ``converted`` layers as ``FalqonLinear``, every tensor loaded from ``state``.
 
+    Args:
+        groups: the projections that shared one GEMM when ``state`` was saved (``[]``: none; ``None``: not known,
+            grouped as ``convert_model`` groups by default). Grouping changes no number of the forward; the rebuilt
+            model groups as the trained one did, so it stores and requantizes as in training (a tensor-scaled group
+            shares one scale).
+        fp8_source: the record of the FP8 checkpoint the model was imported from (``model_record``): its layers are
+            rebuilt with the source's scales and the model gets ``falqon_fp8_source``, for the export.
+
     Raises:
-        ValueError: ``state`` does not have exactly the model's tensors (names or shapes).
+        ValueError: ``state`` does not have exactly the model's tensors (names or shapes), or other groups.
     """
     from transformers import AutoModelForCausalLM
 
     # Random A init: the saved FP8 bytes overwrite it (SVD would cost minutes for nothing).
     rebuild = dataclasses.replace(falqon, target_modules=list(converted), init=InitMethod.RANDOM)
+    source_layers = set(fp8_source["layers"]) if fp8_source else set()
     with torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        convert_model(model, rebuild)
-    expected = model.state_dict()
-    aliases: dict[int, set[str]] = {}  # tied weights (embeddings and lm_head) may be stored under one name only
-    for name, tensor in expected.items():
-        aliases.setdefault(tensor.data_ptr(), set()).add(name)
-    missing = sorted(k for k in expected.keys() - state.keys() if not aliases[expected[k].data_ptr()] & state.keys())
+        if fp8_source:
+            model.falqon_fp8_source = _fp8_checkpoint(fp8_source)
+            _place_fp8_source_layers(model, model.falqon_fp8_source, fp8_source["layers"], set(converted), state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the conversion's notes (MoE experts, imported scales) showed in training
+            convert_model(model, rebuild, group_projections=groups is None or bool(groups))
+    if groups is not None and sorted(_group_names(model)) != sorted(groups):
+        raise ValueError(f"projection groups {sorted(_group_names(model))[:1]} against the recorded {groups[:1]}")
+    expected = model.state_dict(keep_vars=True)  # keep_vars: grouped layers would copy their FP8 views
+    tied: dict[int, set[str]] = {}  # tied weights (embeddings and lm_head) may be stored under one name only
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), set()).add(name)
+    alias = {name: names for names in tied.values() for name in names}
+    missing = sorted(k for k in expected.keys() - state.keys() if not alias.get(k, set()) & state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
@@ -198,8 +297,11 @@ def rebuild_converted(
             "model"
         )
     model.load_state_dict(state, strict=False)  # checked above, tied aliases included
-    for layer in falqon_layers(model).values():
-        layer.config = falqon
+    for name, layer in falqon_layers(model).items():
+        # An imported layer keeps the source's scales and random A init (as the import set them); the rest are as
+        # configured.
+        imported = name in source_layers
+        layer.config = dataclasses.replace(layer.config, target_modules=falqon.target_modules) if imported else falqon
     return model.eval()
 
 
@@ -232,14 +334,23 @@ def load_checkpoint(path: str | os.PathLike[str], what: str = "checkpoint") -> L
             "`falqon fit --ckpt_path` to write a checkpoint that records its model"
         )
     values = dict(record["config"])
+    values.pop("quantization_config", None)  # an imported FP8 backbone: its layers are rebuilt from the record
     config = CONFIG_MAPPING[values["model_type"]].from_dict(values)
     config.architectures = [record["architecture"]]
-    falqon = FalqonConfig(**record["falqon"])
     prefix = len(_MODEL_PREFIX)
     state = {k[prefix:]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_MODEL_PREFIX)}
     try:
-        model = rebuild_converted(config, falqon, list(record["layer_shapes"]), getattr(torch, record["dtype"]), state)
-    except ValueError as err:
+        falqon = FalqonConfig(**record["falqon"])
+        model = rebuild_converted(
+            config,
+            falqon,
+            list(record["layer_shapes"]),
+            getattr(torch, record["dtype"]),
+            state,
+            groups=record.get("groups", []),  # checkpoints from before grouped projections ran every layer alone
+            fp8_source=record.get("fp8_source"),
+        )
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"{what} '{path}' does not match its own model record ({err}); re-save it") from None
     if record.get("generation_config"):
         model.generation_config = GenerationConfig.from_dict(record["generation_config"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-EXIT_USAGE = 2
-"""Exit status for bad configs and data (argparse's convention)."""
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
+
 _TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 USAGE = """usage: falqon {fit,validate,test,predict,eval,plot} ...
 
@@ -44,7 +44,7 @@ def main(args: list[str] | None = None) -> int:
         return plot_main(argv[1:])
     if command in ("-h", "--help"):
         print(USAGE, end="")
-        return 0
+        return EXIT_OK
     if command not in _TRAINER_COMMANDS and not (command or "").startswith("-"):  # options go to LightningCLI
         got = f"unknown subcommand {command!r}" if command else "no subcommand"
         print(

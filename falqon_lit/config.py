@@ -5,8 +5,24 @@ Every field has an attribute docstring on the line after it: LightningCLI/jsonar
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+def plain_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-safe plain values (enums as their string values, tuples as lists), for saved
+    hyperparameters and manifests."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 class ScaleGranularity(str, enum.Enum):
@@ -16,6 +32,9 @@ class ScaleGranularity(str, enum.Enum):
     """One scale for the whole tensor (the paper's choice for ``[W; A]``)."""
     ROW = "row"
     """One scale per row: per output channel for weights, per token for activations."""
+    BLOCK = "block"
+    """One scale per 128 × 128 block of a weight and per 1 × 128 group of a token (the DeepSeek-V3 recipe of
+    compressed-tensors ``FP8_BLOCK`` and native ``fp8`` checkpoints with ``weight_block_size: [128, 128]``)."""
 
 
 class InitMethod(str, enum.Enum):
@@ -25,6 +44,10 @@ class InitMethod(str, enum.Enum):
     """Top-r right singular factor of the FP8 quantization error of ``W`` (the reference implementation)."""
     RANDOM = "random"
     """Kaiming-uniform, as PEFT initialises LoRA ``A``."""
+    GRADIENT = "gradient"
+    """Top-r right singular directions of the dense weight gradient of the first training batches (LoRA-GA /
+    LoRA-One for frozen-``A`` training), rows scaled to the kaiming-uniform row norm; random until the calibration
+    pass (``RowwiseProxyUpdate`` runs it when fit starts) replaces them."""
 
 
 class BPolicy(str, enum.Enum):
@@ -73,6 +96,9 @@ class GemmRole(str, enum.Enum):
 FP8_GEMM_ALIGNMENT = 16
 """FP8 tensor-core GEMMs need every dimension divisible by this."""
 
+SCALE_BLOCK = 128
+"""Edge of a ``block`` scale: weights get one scale per 128 × 128 block, activations one per 1 × 128 group."""
+
 
 @dataclass(frozen=True)
 class FalqonConfig:
@@ -90,11 +116,13 @@ class FalqonConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     """Name suffixes never converted (kept in high precision)."""
     weight_scaling: ScaleGranularity = ScaleGranularity.ROW
-    """Scale granularity of the FP8 weight ``[W; A]``: ``row`` (per output channel; default) or ``tensor`` (paper).
-    Equal quality in the study (benchmarks/RESULTS.md); row is what vLLM serves with per-token inputs."""
+    """Scale granularity of the FP8 weight ``[W; A]``: ``row`` (per output channel; default), ``tensor`` (paper) or
+    ``block`` (128 × 128 blocks; ``A`` gets blocks of its own). Row and tensor: equal quality in the study
+    (benchmarks/RESULTS.md); row is what vLLM serves with per-token inputs; block is what published FP8_BLOCK
+    checkpoints hold."""
     act_scaling: ScaleGranularity = ScaleGranularity.ROW
     """Dynamic scale granularity of activations and gradients: ``row`` (per token; default, as vLLM serves FP8
-    inputs) or ``tensor`` (paper)."""
+    inputs), ``tensor`` (paper) or ``block`` (per 1 × 128 group of a token, as FP8_BLOCK checkpoints serve)."""
     init: InitMethod = InitMethod.SVD
     """Initialisation of ``A``: ``svd`` of the quantization error, or ``random``."""
     b_policy: BPolicy = BPolicy.KEEP
@@ -112,6 +140,13 @@ class FalqonConfig:
     0.3–0.7% faster step on the H100."""
     skip_unaligned: bool = True
     """Skip (and report) layers whose dimensions are not multiples of 16; ``False`` raises instead."""
+    lora_alpha: float | None = None
+    """LoRA alpha: the frozen ``A`` is multiplied by ``lora_alpha / rank`` (PEFT's output scale folded into ``A``,
+    so Adam's steps on ``B`` move ``W`` as PEFT's do at that alpha); ``None`` keeps scale 1 (alpha = rank)."""
+    merge_threshold: float = 0.0
+    """Merge policy: a row chosen by the proxy update is merged only when its update ``B[i]·A`` averages at least
+    this many FP8 steps (the E4M3 spacing at each of the row's weights); smaller rows stay in ``B`` (needs
+    ``b_policy: keep``). ``0`` merges every chosen row (default)."""
 
     def __post_init__(self) -> None:
         # Coerce strings (YAML, CLI) to enums once, here.
@@ -136,12 +171,21 @@ class FalqonConfig:
                 f"rank must be a positive multiple of {FP8_GEMM_ALIGNMENT} (FP8 GEMMs need out_features + rank "
                 f"divisible by {FP8_GEMM_ALIGNMENT}), got {self.rank!r}"
             )
-        row_scaled = [n for n in ("weight_scaling", "act_scaling") if getattr(self, n) == ScaleGranularity.ROW]
-        if self.backend == Backend.TE and row_scaled:
+        finer = [n for n in ("weight_scaling", "act_scaling") if getattr(self, n) != ScaleGranularity.TENSOR]
+        if self.backend == Backend.TE and finer:
             problems.append(
                 f"backend 'te' needs tensor scaling (Transformer Engine's FP8 tensors carry one scale), but "
-                f"{' and '.join(row_scaled)} {'is' if len(row_scaled) == 1 else 'are'} 'row'; set them to 'tensor' "
-                f"or use backend 'torch'"
+                f"{' and '.join(finer)} {'is' if len(finer) == 1 else 'are'} "
+                f"{' and '.join(repr(getattr(self, n).value) for n in finer)}; set them to 'tensor' or use backend "
+                f"'torch'"
+            )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"lora_alpha must be > 0 or null, got {self.lora_alpha!r}")
+        if not self.merge_threshold >= 0:
+            problems.append(f"merge_threshold must be >= 0, got {self.merge_threshold!r}")
+        if self.merge_threshold > 0 and self.b_policy != BPolicy.KEEP:
+            problems.append(
+                f"merge_threshold > 0 keeps small rows in B, which needs b_policy 'keep', got {self.b_policy.value!r}"
             )
         if self.target_modules is not None and (
             not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules)
@@ -170,4 +214,6 @@ class FalqonConfig:
             f"r={self.rank}, w={self.weight_scaling.value}, act={self.act_scaling.value}, "
             f"init={self.init.value}, B={self.b_policy.value}, merge={self.merge_rounding.value}, "
             f"backend={self.backend.value}{', transpose cache' if self.transpose_cache else ''}"
+            f"{'' if self.lora_alpha is None else f', alpha={self.lora_alpha:g}'}"
+            f"{f', merge >= {self.merge_threshold:g} steps' if self.merge_threshold else ''}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,7 +11,10 @@ import torch
 from torch import nn
 
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, Backend, FalqonConfig
+from falqon_lit.experts import experts_note
 from falqon_lit.fp8 import te_backend
+from falqon_lit.fp8_checkpoint import Fp8SourceLinear
+from falqon_lit.grouped import GroupedFalqonLinear, ProjectionGroup, grouping_problem, plan_groups
 from falqon_lit.layer import FalqonLinear, falqon_layers
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,10 @@ class ConversionReport:
     """Fully qualified names of the layers now ``FalqonLinear``."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Layers left in high precision, with the reason."""
+    grouped: list[list[str]] = field(default_factory=list)
+    """Projections that run as one melded GEMM (q/k/v, gate/up), by name."""
+    ungrouped: dict[str, str] = field(default_factory=dict)
+    """Projections that could share an input but run alone, with the reason (``"*"``: the whole model)."""
     fp8_bytes: int = 0
     """Bytes of FP8 weight storage ``[W; A]`` (one layout)."""
     trainable_params: int = 0
@@ -36,7 +44,8 @@ class ConversionReport:
     def summary(self) -> str:
         """One line for logs and progress output."""
         return (
-            f"FALQON: converted {len(self.converted)} linear layers, skipped {len(self.skipped)}; "
+            f"FALQON: converted {len(self.converted)} linear layers ({len(self.grouped)} groups sharing a GEMM), "
+            f"skipped {len(self.skipped)}; "
             f"FP8 weights {self.fp8_bytes / 2**20:.1f} MiB; trainable {self.trainable_params:,} "
             f"of {self.total_params:,} ({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"
         )
@@ -58,7 +67,11 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def convert_model(
-    model: nn.Module, config: FalqonConfig, *, module_filter_fn: ModuleFilter | None = None
+    model: nn.Module,
+    config: FalqonConfig,
+    *,
+    module_filter_fn: ModuleFilter | None = None,
+    group_projections: bool = True,
 ) -> ConversionReport:
     """Swap target ``nn.Linear`` layers of ``model`` for ``FalqonLinear`` in place.
 
@@ -69,6 +82,8 @@ def convert_model(
         model: a Hugging Face causal LM (or any module).
         config: rank, targets, scaling, init and backend.
         module_filter_fn: optional extra ``(module, fqn) -> bool`` filter.
+        group_projections: run projections that share an input (q/k/v, gate/up of the families in
+            ``grouped.PROJECTION_GROUPS``) as one melded GEMM; ``False`` converts every layer alone.
 
     Returns:
         A report of converted and skipped layers, FP8 bytes and trainable parameters.
@@ -81,7 +96,7 @@ def convert_model(
     if config.backend == Backend.TE:
         te_backend.require()  # fail before converting anything, not at the first forward
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp8SourceLinear))]
     if config.target_modules is not None:
         unknown = [t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in linears)]
         if unknown:
@@ -108,10 +123,24 @@ def convert_model(
             log.info("FALQON skips %s: %s", name, reason)
             report.skipped[name] = reason
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FalqonLinear.from_linear(linear, config, name=name))
         report.converted.append(name)
+    linear_by_name = dict(linears)
+    # An FP8 checkpoint's layers keep their own bytes and scales, one layer each (grouping would restack them).
+    groupable = [n for n in report.converted if not isinstance(linear_by_name[n], Fp8SourceLinear)]
+    groups, report.ungrouped = plan_groups(model, groupable) if group_projections else ([], {})
+    in_group = {name for group in groups for name in group}
+    for name in report.converted:
+        linear = linear_by_name[name]
+        if isinstance(linear, Fp8SourceLinear):
+            layer = linear.to_falqon(config, name=name)
+        else:
+            cls = GroupedFalqonLinear if name in in_group else FalqonLinear
+            layer = cls.from_linear(linear, config, name=name)
+        model.set_submodule(name, layer)
+    for names in groups:
+        _group(model, names, report)
+    for label, reason in report.ungrouped.items():
+        log.info("FALQON runs %s without grouping: %s", label, reason)
 
     if not report.converted:
         raise ValueError(
@@ -128,7 +157,21 @@ def convert_model(
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params += sum(p.numel() for p in model.parameters())
     log.info(report.summary())
+    if note := experts_note(model):
+        warnings.warn(note, stacklevel=2)  # visible, unlike the info log: an MoE model is only partly FP8-trained
     return report
+
+
+def _group(model: nn.Module, names: list[str], report: ConversionReport) -> None:
+    members = [model.get_submodule(n) for n in names]
+    problem = grouping_problem(members)
+    if problem:
+        report.ungrouped[",".join(names)] = problem
+        for member in members:
+            member.__dict__.pop("_melded_hp", None)
+        return
+    ProjectionGroup(members)
+    report.grouped.append(names)
 
 
 @torch.no_grad()

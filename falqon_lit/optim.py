@@ -83,18 +83,6 @@ class OptimConfig:
         if problems:
             raise ValueError("invalid --model.optim: " + "; ".join(problems))
 
-    def to_dict(self) -> dict[str, object]:
-        """Plain values (enum values, lists) for saved hyperparameters."""
-        return {
-            "optimizer": self.optimizer.value,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "betas": list(self.betas),
-            "eps": self.eps,
-            "scheduler": self.scheduler.value,
-            "warmup_steps": self.warmup_steps,
-            "min_lr_ratio": self.min_lr_ratio,
-        }
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:

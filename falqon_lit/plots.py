@@ -1,11 +1,15 @@
 """Pictures of a training run, read back from its Lightning log folder: training curves and FP8 statistics.
 
 Reads what ``FalqonLitModule`` (``train/loss``, ``train/ppl``, ``train/acc``, ``val/loss``, ``val/ppl``,
-``val/acc``), ``QuantStats`` (``quant/<stat>``) and ``RowwiseProxyUpdate`` (``proxy/rows_merged``) logged, from a
-``CSVLogger``'s ``metrics.csv`` and/or a ``TensorBoardLogger``'s event files (both may sit in one ``version_N``
-folder).
+``val/acc``), ``QuantStats`` (``quant/<stat>``), ``RowwiseProxyUpdate`` (``proxy/rows_merged``) and ``FitSummary``
+(``summary/val_loss``, before and after fit) logged, from a ``CSVLogger``'s ``metrics.csv`` and/or a
+``TensorBoardLogger``'s event files (both may sit in one ``version_N`` folder).
 
-    falqon plot runs/quickstart/lightning_logs/version_0 --out docs/images
+    falqon plot runs/quickstart/lightning_logs/version_0 --out plots/quickstart
+
+One step grid: the x axis is the number of optimizer steps done when a value was measured. Lightning logs a
+validation run at the index of the batch it follows, one less than that; :func:`read_metrics` adds the one, so
+``val/`` points line up with ``quant/`` and ``proxy/`` (logged after the step) and the before-fit loss sits at 0.
 
 Figures are built with ``matplotlib.figure.Figure`` and never through ``pyplot``, so nothing here switches the
 process's backend: saving uses Agg, and a notebook keeps its inline backend (show the PNG, or the returned figure).
@@ -23,6 +27,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
+
 Series = list[tuple[int, float]]
 """``[(step, value)]`` sorted by step, one value per step."""
 Metrics = dict[str, Series]
@@ -34,9 +40,10 @@ TB_GLOB = "events.out.tfevents.*"
 """File names of TensorBoard event files."""
 TRAINING_CURVES_PNG = "training_curves.png"
 QUANT_STATS_PNG = "quant_stats.png"
-EXIT_USAGE = 2
 """Exit status of ``main`` for a missing folder or one without logs."""
 _NOT_METRICS = {"step", "epoch", "hp_metric"}
+_AFTER_BATCH = ("val/",)
+"""Metrics Lightning logs at the index of the batch they follow (steps done − 1); shifted by one when read."""
 _DPI = 120
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 _MINOR_2_5 = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else "")
@@ -47,7 +54,8 @@ _PERCENT = FuncFormatter(lambda v, _: f"{100 * v:.3g}%")
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
-def _has_logs(folder: Path) -> bool:
+def has_logs(folder: Path) -> bool:
+    """Whether ``folder`` itself holds ``metrics.csv`` or TensorBoard event files."""
     return (folder / CSV_NAME).is_file() or any(folder.glob(TB_GLOB))
 
 
@@ -61,7 +69,7 @@ def find_log_dir(log_dir: str | Path) -> Path:
     folder = Path(log_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"log folder '{folder}' does not exist; pass a Lightning log folder (version_N)")
-    if _has_logs(folder):
+    if has_logs(folder):
         return folder
     candidates = {p.parent for p in [*folder.rglob(CSV_NAME), *folder.rglob(TB_GLOB)] if p.is_file()}
     if not candidates:
@@ -114,7 +122,10 @@ def read_metrics(log_dir: str | Path) -> Metrics:
         merged.update(_read_csv(folder / CSV_NAME))
     if not merged:
         raise ValueError(f"the logs in '{folder}' hold no metric yet; train for at least log_every_n_steps steps")
-    return {name: sorted(points.items()) for name, points in sorted(merged.items())}
+    return {
+        name: sorted((step + 1 if name.startswith(_AFTER_BATCH) else step, value) for step, value in points.items())
+        for name, points in sorted(merged.items())
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- drawing
@@ -178,11 +189,14 @@ def training_curves_figure(metrics: Metrics) -> Figure:
         raise ValueError(f"no train/ or val/ metric to plot; logged metrics are {sorted(metrics) or 'none'}")
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     ax_loss, ax_ppl, ax_acc = fig.subplots(1, 3)
-    _draw(ax_loss, metrics, [("train/loss", "train"), ("val/loss", "validation")], "cross-entropy loss")
+    loss = [("train/loss", "train"), ("val/loss", "validation"), ("summary/val_loss", "before → after fit")]
+    _draw(ax_loss, metrics, loss, "cross-entropy loss")
     _draw(ax_ppl, metrics, [("train/ppl", "train"), ("val/ppl", "validation")], "perplexity", log=True)
     _draw(ax_acc, metrics, [("train/acc", "train"), ("val/acc", "validation")], "next-token accuracy", percent=True)
     fig.suptitle(
-        "Training curves (train: the logged step's batch, unsmoothed; validation: mean over its batches)", fontsize=10
+        "Training curves (train: that step's batch, unsmoothed; validation: mean over its batches; before → after "
+        "fit: FitSummary's batches)",
+        fontsize=10,
     )
     return fig
 
@@ -312,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"read logs from {folder}", file=sys.stderr)
     for path in paths:
         print(path)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Merging row ``i`` adds ``B[i] · A`` to ``W[i]`` in real units and requantizes only that row: with row scales the
 row gets a fresh scale; with a tensor scale the scale is kept and values are clamped to the FP8 range (counted as
 saturated). Rows whose update is exactly zero keep their bytes, so a merge touches nothing it did not change.
+
+Block scales (128 × 128) are kept like a tensor scale, and the merged row is clamped to them: a block's scale is
+shared by 127 other rows, and a fresh one would requantize all of them, so the rows the update never chose would
+no longer keep their bytes (an imported FP8 checkpoint would drift away from its source with every merge, and the
+export could not return the untouched rows byte for byte). A LoRA update is small against its block's amax; what
+does overflow is clamped and counted as saturated.
 Rounding is to nearest, or stochastic when random bits are given (:func:`merge_bits`).
 """
 
@@ -19,6 +25,7 @@ from falqon_lit.fp8.numerics import (
     amax,
     amax_to_scale,
     dequantize,
+    expand_scale,
     fp8_max,
     hash_bits,
     quantize,
@@ -86,21 +93,26 @@ def merge_rows(
 
     Args:
         rows_fp8: ``(k, in)`` current E4M3 bytes of the chosen rows.
-        rows_scale: ``(k, 1)`` their row scales, or the ``(1,)`` tensor scale.
+        rows_scale: ``(k, 1)`` their row scales, ``(k, G)`` their (row-expanded) block scales, or the ``(1,)``
+            tensor scale.
         lora_B_rows: ``(k, r)`` the chosen rows of ``B``.
         lora_A_hp: ``(r, in)`` dequantized ``A``.
-        granularity: ``row`` requantizes with a fresh per-row scale, ``tensor`` keeps the scale and clamps.
+        granularity: ``row`` requantizes with a fresh per-row scale; ``tensor`` and ``block`` keep the scales and
+            clamp.
         bits: ``(k, in)`` random bits for stochastic rounding; ``None`` rounds to nearest.
     """
     old_hp = dequantize(rows_fp8, rows_scale)  # (k, in) float32
-    delta = lora_B_rows.float() @ lora_A_hp.float()  # (k, in), real units
+    # Summed in float64, then rounded once: each row's delta is then the same whatever rows merge with it. A float32
+    # GEMM picks its kernel (and summation order) by shape, so a row-sharded rank merging its share of the top-k
+    # would round differently from the unsharded layer, and replicas would drift apart.
+    delta = (lora_B_rows.double() @ lora_A_hp.double()).float()  # (k, in), real units
     new_hp = old_hp + delta
     if granularity == ScaleGranularity.ROW:
         new_scale = amax_to_scale(amax(new_hp, ScaleGranularity.ROW), E4M3)
         saturated_rows = torch.zeros(new_hp.shape[0], dtype=torch.bool, device=new_hp.device)
     else:
         new_scale = rows_scale
-        saturated_rows = (new_hp.abs() / new_scale > fp8_max(E4M3)).any(dim=1)
+        saturated_rows = (new_hp.abs() / expand_scale(new_scale, new_hp.shape[1]) > fp8_max(E4M3)).any(dim=1)
     new_fp8 = quantize(new_hp, new_scale, E4M3) if bits is None else quantize_stochastic(new_hp, new_scale, bits)
 
     # A row whose update is exactly zero keeps its bytes and scale (re-rounding it could drift).

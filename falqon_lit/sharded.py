@@ -299,11 +299,6 @@ def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
     return device_mesh["data_parallel"]
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def shard_falqon_model(model: nn.Module, mesh: DeviceMesh) -> list[str]:
     """Replace every ``FalqonLinear`` of ``model`` by a ``ShardedFalqonLinear`` over ``mesh`` (all ranks call it).
 
@@ -317,7 +312,7 @@ def shard_falqon_model(model: nn.Module, mesh: DeviceMesh) -> list[str]:
         if isinstance(layer, ShardedFalqonLinear):
             continue
         try:
-            _swap(model, name, ShardedFalqonLinear(layer, mesh))
+            model.set_submodule(name, ShardedFalqonLinear(layer, mesh))
         except ValueError as err:
             raise ValueError(f"{err} (layer {name!r})") from None
         names.append(name)
@@ -357,6 +352,6 @@ def gather_falqon_model(model: nn.Module) -> list[str]:
         full._refresh_transpose()
         full._recheck_b_zero()
         full.train(layer.training)
-        _swap(model, name, full)
+        model.set_submodule(name, full)
         names.append(name)
     return names

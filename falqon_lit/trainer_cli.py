@@ -18,16 +18,16 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from falqon_lit.callbacks import StepProfiler, Throughput
 from falqon_lit.checkpoint import RECORD_KEY, check_record, read_checkpoint
 from falqon_lit.data import InstructionDataModule
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
 from falqon_lit.module import FalqonLitModule
 from falqon_lit.preflight import check_conversion
 
-EXIT_USAGE = 2
-"""Exit status for bad configs and data (argparse's convention)."""
 _UNION_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type")
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # ckpt_path values Lightning resolves itself
 _ADVERTS = ("💡 Tip:",)  # Lightning's product tips, printed on every run
@@ -50,7 +50,15 @@ class FalqonProgressBar(RichProgressBar):
 
 
 class FalqonCLI(LightningCLI):
-    """LightningCLI with FALQON's progress bar and ``checkpoints/last.ckpt``, and checks before the Trainer runs."""
+    """LightningCLI with FALQON's progress bar, ``checkpoints/last.ckpt``, a ``Throughput`` callback (tokens/s, step
+    time, MFU, FP8 engagement) unless the config brings one, ``--profile N`` (a kernel-family profile of step N,
+    ``StepProfiler``), and checks before the Trainer runs."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--profile", type=int | None, default=None, help="write a kernel-family profile of this global step"
+        )
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -66,6 +74,10 @@ class FalqonCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             extra.append(ModelCheckpoint(save_last=True))  # last.ckpt after each validation, for resume after a kill
+        if not any(isinstance(c, Throughput) for c in callbacks):
+            extra.append(Throughput())
+        if config.get("profile") is not None:
+            extra.append(StepProfiler(config["profile"]))
         if extra:
             kwargs["callbacks"] = [*callbacks, *extra]
         return super().instantiate_trainer(**kwargs)
@@ -193,4 +205,4 @@ def run(argv: list[str] | None = None) -> int:
     except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    return EXIT_OK

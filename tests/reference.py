@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from falqon_lit.config import ScaleGranularity
-from falqon_lit.fp8.numerics import E4M3, E5M2, dequantize, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, E5M2, dequantize, expand_scale, is_block_scale, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
 
 
@@ -42,24 +42,30 @@ def grad_lora_B(layer: FalqonLinear, x: torch.Tensor, grad_y: torch.Tensor) -> t
 
 
 def grad_input(layer: FalqonLinear, grad_y: torch.Tensor, residual: bool) -> torch.Tensor:
-    """``deq(Q_e5m2([g | g B] ⊙ s)) · [W_fp8; A_fp8]`` (row scales folded into g), float64 after quantization."""
+    """``deq(Q_e5m2([g | g B] ⊙ s)) · [W_fp8; A_fp8]`` (row scales folded into g), float64 after quantization;
+    block scales stay with the weight: ``deq(Q([g | g B])) · deq([W; A])``, with E4M3 for 1 × 128 gradient groups."""
     n = layer.out_features
     g = grad_y.reshape(-1, n)
     rows = n + layer.rank if residual else n
     if residual:
         g = torch.cat([g, g @ layer.lora_B.detach().to(g.dtype)], dim=1)
     w_fp8 = layer.weight_fp8[:rows].to(torch.float64)
-    if layer.weight_scale.numel() > 1:
+    if is_block_scale(layer.weight_scale):
+        w_fp8 = dequantize(layer.weight_fp8[:rows], layer.weight_scale[:rows], torch.float64)
+        w_scale = torch.ones((), dtype=torch.float64)
+    elif layer.weight_scale.numel() > 1:
         g = g.float() * layer.weight_scale[:rows].reshape(1, -1)
         w_scale = torch.ones((), dtype=torch.float64)
     else:
         w_scale = layer.weight_scale.double()
-    g_fp8, g_scale = quantize_dynamic(g, E5M2, layer.config.act_scaling)
+    grad_dtype = E4M3 if layer.config.act_scaling == ScaleGranularity.BLOCK else E5M2  # DeepSeek-V3: E4M3 in groups
+    g_fp8, g_scale = quantize_dynamic(g, grad_dtype, layer.config.act_scaling)
     return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_y.shape[:-1], -1)
 
 
 def merge(layer_before: FalqonLinear, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alg. 2 for the given rows: ``Q(deq(W[rows]) + B[rows] A)`` with the layer's scale rule; (bytes, scale)."""
+    """Alg. 2 for the given rows: ``Q(deq(W[rows]) + B[rows] A)`` with the layer's scale rule (row: fresh row
+    scales; tensor and block: the kept scales, clamped); (bytes, scale)."""
     n = layer_before.out_features
     _, a = melded_weight(layer_before)
     row_scaled = layer_before.weight_scale.numel() > 1
@@ -67,7 +73,35 @@ def merge(layer_before: FalqonLinear, rows: torch.Tensor) -> tuple[torch.Tensor,
     w_rows = dequantize(layer_before.weight_fp8[rows], scale, torch.float64)
     new_hp = (w_rows + layer_before.lora_B.detach()[rows].double() @ a).float()
     assert rows.max() < n
-    if row_scaled:
+    if layer_before.config.weight_scaling == ScaleGranularity.ROW:
         return quantize_dynamic(new_hp, E4M3, ScaleGranularity.ROW)
     limit = torch.finfo(E4M3).max
-    return (new_hp / scale).clamp(-limit, limit).to(E4M3), scale
+    return (new_hp / expand_scale(scale, new_hp.shape[1])).clamp(-limit, limit).to(E4M3), scale
+
+
+def group_grad_input(layers: list[FalqonLinear], grad_ys: list[torch.Tensor], residual: list[bool]) -> torch.Tensor:
+    """Grouped input gradient: ``deq(Q_e5m2([g_1 | g_1 B_1 | g_2 | ...] ⊙ s)) · [W_1; A_1; W_2; ...]`` in float64,
+    one quantization of the concatenated gradient (a zero tail for a projection without residual)."""
+    pieces, weights, scales = [], [], []
+    for layer, grad_y, has_residual in zip(layers, grad_ys, residual, strict=True):
+        g = grad_y.reshape(-1, layer.out_features)
+        tail = g @ layer.lora_B.detach().to(g.dtype) if has_residual else g.new_zeros(g.shape[0], layer.rank)
+        pieces += [g, tail]
+        weights.append(layer.weight_fp8.to(torch.float64))
+        scales.append(layer.weight_scale.expand(layer.out_features + layer.rank, 1))
+    g, w_fp8, w_scale = torch.cat(pieces, dim=1), torch.cat(weights), torch.cat(scales)
+    if layers[0].weight_scale.numel() > 1:
+        g, w_scale = g.float() * w_scale.reshape(1, -1), torch.ones((), dtype=torch.float64)
+    else:
+        w_scale = layers[0].weight_scale.double()
+    g_fp8, g_scale = quantize_dynamic(g, E5M2, layers[0].config.act_scaling)
+    return (dequantize(g_fp8, g_scale, torch.float64) @ (w_fp8 * w_scale)).reshape(*grad_ys[0].shape[:-1], -1)
+
+
+def linear_cross_entropy(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfused ``lm_head`` + cross-entropy (float32 logits, as the trainer's logits path): (mean loss, argmax)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return loss, logits.argmax(dim=-1)

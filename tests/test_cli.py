@@ -49,7 +49,7 @@ def _files(root: Path) -> dict[str, int]:
 
 
 def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: Path, capfd) -> None:
-    assert cli.main(["fit", "--config", str(tiny_config)]) == 0
+    assert cli.main(["fit", "--config", str(tiny_config), "--profile", "1", "--trainer.log_every_n_steps", "1"]) == 0
     version = tmp_path / "run" / "lightning_logs" / "version_0"
     written = set(_files(version))
     expected = {
@@ -58,6 +58,7 @@ def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: 
         "quant_stats.png",
         "checkpoints/epoch=0-step=3.ckpt",
         "checkpoints/last.ckpt",
+        "profile_step_1.txt",
     }
     assert expected <= written
     assert all(name.startswith("events.out.tfevents") for name in written - expected)
@@ -65,6 +66,8 @@ def test_cli_fit_writes_logs_config_and_checkpoint(tiny_config: Path, tmp_path: 
     assert f"final checkpoint (after the flush): {version / 'checkpoints' / 'last.ckpt'}" in out
     for noise in ("Tip:", "LeafSpec", "Total params", "FutureWarning"):  # Lightning adverts, deprecations, its table
         assert noise not in out + err, noise
+    # The default Throughput callback prints tokens/s and the FP8-engaged line (no FitSummary in this config).
+    assert "FP8 engaged" in out and "14/14 projections" in out and "tokens/s (non-padding)" in out
     saved = yaml.safe_load((version / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 3 and saved["model"]["model"]["hidden_size"] == 64
     module = FalqonLitModule.load_from_checkpoint(version / "checkpoints" / "epoch=0-step=3.ckpt")

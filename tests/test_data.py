@@ -199,3 +199,27 @@ def test_batch_sampler_splits_epoch_over_data_parallel_ranks() -> None:
     assert len(ranks[0]) == len(ranks[1]) == 3
     with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
         LengthGroupedBatchSampler(lengths, batch_size=2, num_replicas=2, rank=2)
+
+
+def test_datamodule_packs_training_batches_only(tiny_chat_jsonl: Path, tiny_chat_tokenizer_dir: Path) -> None:
+    auto = _setup(InstructionDataModule(str(tiny_chat_jsonl), max_length=64, batch_size=3), tiny_chat_tokenizer_dir)
+    assert not auto.packs_training()  # packing=None: packed only when a Trainer trains on a GPU
+    data = _setup(
+        InstructionDataModule(str(tiny_chat_jsonl), max_length=64, batch_size=3, packing=True), tiny_chat_tokenizer_dir
+    )
+    train = list(data.train_dataloader())
+    assert {tuple(b["input_ids"].shape) for b in train} == {(3, 64)} and all("position_ids" in b for b in train)
+    # Every trained token of the epoch is trained once, packed or not (first tokens are never targets).
+    unpacked = list(auto.train_dataloader())
+    assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in train) == sum(
+        int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in unpacked
+    )
+    assert all("position_ids" not in b for b in data.val_dataloader())
+
+
+def test_datamodule_buckets_unpacked_widths(tiny_chat_jsonl: Path, tiny_chat_tokenizer_dir: Path) -> None:
+    data = InstructionDataModule(str(tiny_chat_jsonl), max_length=60, batch_size=4, pad_to_multiple_of=16)
+    widths = {b["input_ids"].shape[1] for b in _setup(data, tiny_chat_tokenizer_dir).train_dataloader()}
+    assert widths <= {16, 32, 48, 60}  # multiples of 16, capped at max_length
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1, got 0"):
+        InstructionDataModule(str(tiny_chat_jsonl), pad_to_multiple_of=0)

@@ -11,7 +11,7 @@ from fp8_devices import DEVICES, gemm_rtol
 from torch import nn
 
 from falqon_lit.config import Backend, BPolicy, FalqonConfig, InitMethod, ScaleGranularity
-from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_weight
 from falqon_lit.layer import FalqonLinear
 
 GRANULARITIES = list(ScaleGranularity)
@@ -161,7 +161,7 @@ def test_layer_svd_init_reduces_quantization_error(weight_scaling):
     torch.manual_seed(13)
     weight = torch.randn(80, 96) * 0.05
     layer = FalqonLinear.from_linear(_with_weight(weight), FalqonConfig(rank=16, weight_scaling=weight_scaling))
-    w_fp8, w_scale = quantize_dynamic(weight, E4M3, weight_scaling)
+    w_fp8, w_scale = quantize_weight(weight, weight_scaling)
     error = weight.double() - dequantize(w_fp8, w_scale, torch.float64)
     a = layer.lora_A(torch.float64)
     b_hat = error @ torch.linalg.pinv(a)  # best B for the stored A: least squares on the error

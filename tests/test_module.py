@@ -158,11 +158,13 @@ def _state_bytes(module: FalqonLitModule) -> dict[str, torch.Tensor]:
     return {k: _bits(v).clone() for k, v in module.state_dict().items()}
 
 
-def _resume_run(tiny_trainer_parts, root: Path, save_every: int, ckpt_path: str | None = None) -> FalqonLitModule:
+def _resume_run(
+    tiny_trainer_parts, root: Path, save_every: int, ckpt_path: str | None = None, packing: bool = False
+) -> FalqonLitModule:
     seed_everything(123)
     module, data = tiny_trainer_parts(
         {"falqon": FalqonConfig(b_policy=BPolicy.KEEP), "optim": {"lr": 0.01, "warmup_steps": 2}},
-        {"group_by_length": True},
+        {"group_by_length": True, "packing": packing},
     )
     callbacks = [
         RowwiseProxyUpdate(k=4, warmup_k=1, warmup_steps=3, every_n_steps=2, flush_at_end=False),
@@ -175,13 +177,17 @@ def _resume_run(tiny_trainer_parts, root: Path, save_every: int, ckpt_path: str 
     return module
 
 
-@pytest.mark.parametrize("resume_step", [5, 10], ids=["mid-epoch", "epoch-end"])
-def test_module_resume_is_bit_exact(tiny_trainer_parts, tmp_path: Path, resume_step: int) -> None:
-    # 38 training examples in batches of 4: 10 steps per epoch; 14 steps cross the epoch boundary. The uninterrupted
-    # run also writes the checkpoint that the second run resumes from.
-    straight = _state_bytes(_resume_run(tiny_trainer_parts, tmp_path / "straight", save_every=resume_step))
-    ckpt = tmp_path / "straight" / "ckpt" / f"epoch={(resume_step - 1) // 10}-step={resume_step}.ckpt"
-    resumed = _state_bytes(_resume_run(tiny_trainer_parts, tmp_path / "resumed", 100, ckpt_path=str(ckpt)))
+@pytest.mark.parametrize(
+    ("resume_step", "packing"), [(5, False), (10, False), (5, True)], ids=["mid-epoch", "epoch-end", "packed"]
+)
+def test_module_resume_is_bit_exact(tiny_trainer_parts, tmp_path: Path, resume_step: int, packing: bool) -> None:
+    # 38 training examples in batches of 4: 10 steps per epoch; 14 steps cross the epoch boundary (packed: 2 examples
+    # per row at most, so fewer steps per epoch). The uninterrupted run also writes the checkpoint the second resumes.
+    straight = _resume_run(tiny_trainer_parts, tmp_path / "straight", save_every=resume_step, packing=packing)
+    straight = _state_bytes(straight)
+    (ckpt,) = (tmp_path / "straight" / "ckpt").glob(f"epoch=*-step={resume_step}.ckpt")
+    resumed = _resume_run(tiny_trainer_parts, tmp_path / "resumed", 100, ckpt_path=str(ckpt), packing=packing)
+    resumed = _state_bytes(resumed)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key

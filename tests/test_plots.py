@@ -18,7 +18,7 @@ STEPS = 4
 @pytest.fixture
 def tiny_run(tiny_trainer_parts, tmp_path: Path) -> dict[str, Path]:
     """Log folders of one 4-step fit of the tiny Llama, logged by a CSVLogger and a TensorBoardLogger."""
-    from falqon_lit.callbacks import QuantStats, RowwiseProxyUpdate
+    from falqon_lit.callbacks import FitSummary, QuantStats, RowwiseProxyUpdate
 
     seed_everything(0)
     module, data = tiny_trainer_parts()
@@ -32,7 +32,11 @@ def tiny_run(tiny_trainer_parts, tmp_path: Path) -> dict[str, Path]:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         logger=[csv_logger, tb_logger],
-        callbacks=[QuantStats(every_n_steps=2, per_layer=False, plot=False), RowwiseProxyUpdate(k=4)],
+        callbacks=[
+            QuantStats(every_n_steps=2, per_layer=False),
+            RowwiseProxyUpdate(k=4),
+            FitSummary(eval_batches=1, num_samples=0),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -49,8 +53,10 @@ def _assert_png(path: Path) -> None:
 def test_read_metrics_csv_run_has_module_and_callback_metrics(tiny_run: dict[str, Path]) -> None:
     metrics = plots.read_metrics(tiny_run["csv"])
     assert [step for step, _ in metrics["train/loss"]] == list(range(STEPS))  # logged at global_step 0..3
-    assert [step for step, _ in metrics["val/loss"]] == [1, 3]
+    # One grid, optimizer steps done: validation after steps 2 and 4 (Lightning logs it at the batch index 1, 3).
+    assert [step for step, _ in metrics["val/loss"]] == [2, 4]
     assert [step for step, _ in metrics["quant/a_sat_frac"]] == [2, 4]
+    assert [step for step, _ in metrics["summary/val_loss"]] == [0, STEPS]  # before and after the fit
     assert metrics["proxy/rows_merged"] == [(s, 4.0 * 14) for s in range(1, STEPS + 1)]  # k=4 rows x 14 layers
     assert "epoch" not in metrics and "step" not in metrics
 
@@ -72,6 +78,26 @@ def test_write_plots_writes_both_pngs_into_log_dir(tiny_run: dict[str, Path]) ->
     ]
     for path in paths:
         _assert_png(path)
+
+
+def test_fit_quant_stats_png_is_falqon_plots_figure(tiny_run: dict[str, Path]) -> None:
+    # One producer: the PNG the fit wrote (QuantStats at fit end) and falqon plot's are the same picture.
+    fit_png = tiny_run["csv"] / plots.QUANT_STATS_PNG
+    _assert_png(fit_png)
+    assert fit_png.read_bytes() == plots.write_plots(tiny_run["csv"])[1].read_bytes()
+
+
+def test_training_curves_show_the_loss_before_fit(tiny_run: dict[str, Path]) -> None:
+    fig = plots.training_curves_figure(plots.read_metrics(tiny_run["csv"]))
+    loss_panel = fig.axes[0]
+    assert [line.get_label() for line in loss_panel.get_lines()] == ["train", "validation", "before → after fit"]
+    assert loss_panel.get_lines()[2].get_xdata()[0] == 0
+
+
+def test_quant_stats_panels_have_readable_titles(tiny_run: dict[str, Path]) -> None:
+    fig = plots.quant_stats_figure(plots.read_metrics(tiny_run["csv"]))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 9 and all(titles) and not any("_" in t for t in titles), titles  # no raw metric names
 
 
 def test_find_log_dir_parent_folder_uses_newest_run(tmp_path: Path) -> None:
@@ -118,3 +144,15 @@ def test_plots_main_missing_folder_exits_2(tmp_path: Path, capsys: pytest.Captur
         capsys.readouterr().err
         == f"error: log folder '{tmp_path / 'nope'}' does not exist; pass a Lightning log folder (version_N)\n"
     )
+
+
+def test_readme_plot_and_export_commands_write_to_ignored_folders() -> None:
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    outs = re.findall(r"falqon plot \S+ --out (\S+)", readme) + re.findall(r"falqon-export .*--out (\S+)", readme)
+    assert len(outs) >= 4, outs
+    for out in outs:  # git check-ignore exits 0 for an ignored path: a README command never overwrites tracked files
+        assert subprocess.run(["git", "check-ignore", "-q", out], cwd=root).returncode == 0, out

@@ -9,9 +9,9 @@ from fp8_devices import DEVICES
 from torch import nn
 
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
-from falqon_lit.fp8.numerics import E4M3
+from falqon_lit.fp8.numerics import E4M3, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
-from falqon_lit.proxy import merge_bits, row_scores, select_rows, select_rows_batched
+from falqon_lit.proxy import merge_bits, merge_rows, row_scores, select_rows, select_rows_batched
 
 
 def _layer(device: str, weight_scaling: ScaleGranularity, b_policy: BPolicy, b_std: float = 0.02) -> FalqonLinear:
@@ -76,6 +76,21 @@ def test_proxy_update_changes_only_chosen_rows(device, weight_scaling):
         assert torch.equal(layer.weight_scale, before_scale)
     assert torch.equal(_bytes(layer.weight_t_fp8), _bytes(layer.weight_fp8.t().contiguous()))  # both layouts
     assert int(layer.merge_rows) == 6 and int(layer.merge_calls) == 1
+
+
+def test_merge_rows_row_result_does_not_depend_on_the_rows_merged_with_it():
+    # A row-sharded rank merges only its own share of the global top-k, so a row's merge must not depend on which
+    # rows merge with it. A float32 GEMM picks its kernel (and summation order) by shape: a row alone (GEMV) and the
+    # same row among 32 round differently; a fresh row scale (amax / 448) shows any last-bit difference.
+    torch.manual_seed(torch.seed() % 2**31)
+    k, rank, width = 32, 16, 512
+    w_fp8, w_scale = quantize_dynamic(torch.randn(k, width) * 1e-3, E4M3, ScaleGranularity.ROW)  # B·A dominates
+    lora_B, lora_A = torch.randn(k, rank), torch.randn(rank, width)
+    together = merge_rows(w_fp8, w_scale, lora_B, lora_A, ScaleGranularity.ROW, None)
+    for i in range(k):
+        alone = merge_rows(w_fp8[i : i + 1], w_scale[i : i + 1], lora_B[i : i + 1], lora_A, ScaleGranularity.ROW, None)
+        assert torch.equal(alone.rows_scale, together.rows_scale[i : i + 1]), i
+        assert torch.equal(_bytes(alone.rows_fp8), _bytes(together.rows_fp8[i : i + 1])), i
 
 
 @pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))

@@ -11,11 +11,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
-from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
+from falqon_lit.layer import falqon_layers
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 _RECORDS = _SCRIPT.with_name("quality_records.py")
+_RUNS = _SCRIPT.with_name("quality_runs.py")
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -33,6 +36,12 @@ def _load(name: str, path: Path) -> ModuleType:
 def quality() -> ModuleType:
     """``benchmarks/quality.py``: the study runner."""
     return _load("quality_study", _SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def study_runs() -> ModuleType:
+    """``benchmarks/quality_runs.py``: the run plans."""
+    return _load("quality_runs", _RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +71,7 @@ def _record(name: str, seed: int | None, heldout: float, acc: float | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
-def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleType) -> None:
+def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleType, study_runs: ModuleType) -> None:
     runs = quality.plan_runs([0, 1, 2], 16, None, True, None)
     order = ["before", "main", "ablation"]
     assert [r.group for r in runs] == sorted((r.group for r in runs), key=order.index)
@@ -80,7 +89,7 @@ def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleTyp
     assert seed0 == [r.name for r in main if r.seed == 2]
     ablations = [r for r in runs if r.group == "ablation"]
     assert [r.name.split(":")[1] for r in ablations] == ["k=1", "k=10", "k=all", "every=4", "every=16", "init=random"]
-    default = quality.falqon_name(FalqonConfig())  # the ablations vary the library default
+    default = study_runs.falqon_name(FalqonConfig())  # the ablations vary the library default
     assert default == "falqon-row-keep-sr"
     assert all(r.seed == 0 and not r.bench and r.name.startswith(f"{default}:") for r in ablations)
     assert ablations[-1].falqon.init.value == "random" and ablations[0].falqon.init.value == "svd"
@@ -275,3 +284,95 @@ def test_quality_smoke_export_check_scores_the_export_like_the_trainer(
     (row,) = summary["export"]
     assert row["delta_acc_pts"] == 0.0 and row["delta_loss_pct"] == 0.0 and row["compute"] == "float32"
     assert set(row["tasks"]) == set(trained["bench"]) and summary["main"] == []
+
+
+# ------------------------------------------------------------------------------------------- issue 18 studies
+def test_plan_controls_runs_every_control_seed_before_the_remedies(study_runs: ModuleType) -> None:
+    runs = study_runs.plan_controls([0, 1, 2], 16, None, steps=150)
+    controls = ["bf16-lora", "falqon-row-keep-sr", "falqon-nomerge", "bf16-lora-fa-svd", "bf16-lora-fa-random"]
+    assert [r.name for r in runs[:15]] == controls * 3 and [r.seed for r in runs[:15]] == [0] * 5 + [1] * 5 + [2] * 5
+    assert {r.group for r in runs[:15]} == {"control"} and {r.group for r in runs[15:]} == {"remedy"}
+    by_name = {r.name: r for r in runs}
+    assert len(runs) == 3 * len(by_name) and len({r.key for r in runs}) == len(runs)
+    nomerge = by_name["falqon-nomerge"]
+    assert not nomerge.merge and nomerge.falqon == by_name["falqon-row-keep-sr"].falqon
+    assert by_name["falqon-row-keep-sr"].falqon.init == InitMethod.SVD  # the library default
+    fa = {n: r for n, r in by_name.items() if r.kind == "peft-fa"}
+    assert {n: r.falqon.init.value for n, r in fa.items()} == {
+        "bf16-lora-fa-svd": "svd",
+        "bf16-lora-fa-random": "random",
+        "bf16-lora-fa-gradient": "gradient",
+    }
+    refresh = by_name["falqon+init=gradient+refresh=50"]
+    assert refresh.refresh_every == 50 and refresh.falqon.init == InitMethod.GRADIENT
+    assert by_name["falqon+merge>=1step"].falqon.merge_threshold == 1.0
+    only = study_runs.plan_controls([4], 16, ["bf16-lora", "falqon+*"], steps=30)
+    remedies = [n.replace("refresh=50", "refresh=10") for n in by_name if n.startswith("falqon+")]
+    assert [r.name for r in only] == ["bf16-lora", *remedies] and {r.seed for r in only} == {4}
+
+
+def test_long_study_uses_the_paper_hyper_parameters(quality: ModuleType, study_runs: ModuleType) -> None:
+    args = quality._parser().parse_args(["--study", "long", "--seeds", "0"])
+    settings = quality.study_settings(args)
+    assert (settings["steps"], settings["rank"], settings["alpha"], settings["k"]) == (1000, 64, 16.0, "10")
+    optim = (settings["scheduler"], settings["warmup"], settings["grad_clip"], settings["lr"])
+    assert optim == ("constant", 30, 3.0, 2e-4) and settings["eval_every"] == 100
+    assert quality.study_settings(quality._parser().parse_args(["--study", "long", "--lr", "2e-5"]))["lr"] == 2e-5
+    runs = quality.plan_study(args, settings)
+    names = ["bf16-lora", "qlora-nf4", "falqon-row-keep-sr", "falqon+init=gradient+refresh=250"]
+    assert [r.name for r in runs] == names
+    falqon = runs[2]
+    assert falqon.k == "10" and falqon.falqon.rank == 64 and falqon.falqon.lora_alpha == 16.0
+    # the issue-8 study keeps its settings (and so its key): its earlier records still count
+    main = quality.study_settings(quality._parser().parse_args([]))
+    assert "study" not in main and (main["lr"], main["rank"], main["grad_clip"], main["warmup"]) == (1e-3, 16, 1.0, 15)
+
+
+def test_lora_fa_freezes_falqon_initial_A_and_trains_only_B(quality: ModuleType) -> None:
+    base, _ = quality.load_base(smoke=True)
+    factory = quality.ModelFactory(base, torch.device("cpu"))
+    config = FalqonConfig(rank=16, target_modules=list(quality.TARGETS), init=InitMethod.RANDOM)
+    run = quality.Run("fa", "control", "peft-fa", seed=3, falqon=config)
+    settings = {"rank": 16}
+    model = factory.build(run, settings, [])
+    torch.manual_seed(3)  # the same seed converts FALQON's random A in the same order
+    falqon = factory.build(quality.Run("f", "control", "falqon", seed=3, falqon=config), settings, [])
+    layers = falqon_layers(falqon)
+    adapters = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m.lora_A, "keys")}
+    assert len(adapters) == len(layers) == 14
+    for name, module in adapters.items():
+        weight = module.lora_A["default"].weight
+        assert not weight.requires_grad and module.lora_B["default"].weight.requires_grad
+        assert torch.equal(weight, layers[name.removeprefix("base_model.model.")].lora_A())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_B" in n
+    }
+
+
+def test_quality_smoke_controls_in_two_shard_processes(
+    quality: ModuleType, tmp_path: Path, study_records: ModuleType, capsys: pytest.CaptureFixture
+) -> None:
+    variants = "bf16-lora,falqon-nomerge,bf16-lora-fa-gradient,falqon+init=gradient+refresh=*"
+    args = ["--smoke", "--study", "controls", "--out", str(tmp_path), "--seeds", "0", "--variants", variants]
+    assert quality.main([*args, "--jobs", "2", "--eval-every", "1", "--device", "cpu"]) == 0
+    records = {r["key"]: r for r in study_records.read_records(tmp_path / "quality.jsonl")}
+    assert {k: r["status"] for k, r in records.items()} == {
+        k: "ok"
+        for k in ("bf16-lora@0", "falqon-nomerge@0", "falqon+init=gradient+refresh=1@0", "bf16-lora-fa-gradient@0")
+    }
+    assert {r["shard"] for r in records.values()} == {"0/2", "1/2"}
+    nomerge, refresh = records["falqon-nomerge@0"], records["falqon+init=gradient+refresh=1@0"]
+    assert nomerge["merge"]["merge_rows"] == 0 and nomerge["proxy"]["rows_flushed"] == 0  # B is never merged
+    assert refresh["proxy"]["refreshes"] == 1 and refresh["proxy"]["rows_refreshed"] > 0  # after step 1 of 2
+    lora, fa = records["bf16-lora@0"], records["bf16-lora-fa-gradient@0"]
+    assert fa["trainable_params"] * 2 == lora["trainable_params"]  # B only
+    assert len(fa["loss_curve"]) == len(lora["loss_curve"]) == 2
+    # held-out loss after step 1 (not after the last: the final evaluation scores that)
+    assert all([step for step, _, _ in r["heldout_curve"]] == [1] for r in records.values())
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    header, *rows = printed[-5:]  # the gap table comes last
+    assert "gap vs bf16-lora" in header and {row.split()[0] for row in rows} == {k[:-2] for k in records}
+    assert all(row.split()[-2].endswith("%") for row in rows)
+    summary = json.loads((tmp_path / "quality_summary.json").read_text())
+    assert [row["variant"] for row in summary["control"]] == ["bf16-lora", "falqon-nomerge"]

@@ -11,6 +11,7 @@ from fp8_devices import requires_cuda_fp8
 from falqon_lit.config import ScaleGranularity
 from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
+from falqon_lit.fp8.triton_quantize import FUSED_GRANULARITIES
 from falqon_lit.proxy import MergeResult, merge_bits, merge_rows, select_rows
 
 
@@ -107,7 +108,7 @@ def test_triton_merge_not_used_on_cpu():
 
 @pytest.mark.gpu
 @requires_cuda_fp8
-@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("granularity", FUSED_GRANULARITIES)  # block scales run eager
 @pytest.mark.parametrize(("out_f", "in_f", "rank"), [(96, 64, 16), (512, 4096, 64), (256, 1000, 16)])
 def test_merge_rows_fused_matches_eager_merge(granularity, out_f, in_f, rank):
     """Round to nearest (no merge counter given)."""
@@ -116,7 +117,7 @@ def test_merge_rows_fused_matches_eager_merge(granularity, out_f, in_f, rank):
 
 @pytest.mark.gpu
 @requires_cuda_fp8
-@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("granularity", FUSED_GRANULARITIES)  # block scales run eager
 def test_merge_rows_fused_stochastic_matches_eager_merge(granularity):
     """Stochastic rounding: the bits of ``merge_bits`` (count read on device), the rule of ``quantize_stochastic``."""
     out_f, in_f, rank = 256, 1000, 16
@@ -136,7 +137,7 @@ def test_merge_rows_fused_stochastic_matches_eager_merge(granularity):
 
 @pytest.mark.gpu
 @requires_cuda_fp8
-@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("granularity", FUSED_GRANULARITIES)  # block scales run eager
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize(("out_f", "in_f", "rank", "top_k"), [(300, 200, 256, 70), (64, 4100, 32, 64)])
 def test_merge_rows_fused_tile_edges(granularity, stochastic, out_f, in_f, rank, top_k):
@@ -147,7 +148,7 @@ def test_merge_rows_fused_tile_edges(granularity, stochastic, out_f, in_f, rank,
 
 @pytest.mark.gpu
 @requires_cuda_fp8
-@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("granularity", FUSED_GRANULARITIES)  # block scales run eager
 def test_merge_rows_fused_single_row(granularity):
     """A block of rows holding one merged row."""
     before = _random_layer(granularity, 96, 64, 16)
@@ -156,7 +157,7 @@ def test_merge_rows_fused_single_row(granularity):
 
 @pytest.mark.gpu
 @requires_cuda_fp8
-@pytest.mark.parametrize("granularity", list(ScaleGranularity))
+@pytest.mark.parametrize("granularity", FUSED_GRANULARITIES)  # block scales run eager
 def test_merge_rows_fused_without_transposed_copy(granularity):
     """A layer with ``transpose_cache=False`` passes no ``weight_t_fp8``: the same merge, into one layout."""
     before = _random_layer(granularity, 256, 1000, 16)
@@ -165,3 +166,25 @@ def test_merge_rows_fused_without_transposed_copy(granularity):
     _fused_merge(lean)
     assert torch.equal(lean.w_fp8.view(torch.uint8), cached.w_fp8.view(torch.uint8))
     assert torch.equal(lean.w_scale, cached.w_scale)
+
+
+@pytest.mark.gpu
+@requires_cuda_fp8
+def test_merge_rows_fused_counts_saturation_at_the_fp8_max_as_eager():
+    """Rows whose update is zero (row 0) or far below an ulp (row 1) at a ±448 byte have ``amax / s`` within an ulp
+    of 448, so "saturated" hinges on the last bit of ``448·s`` and of the division: the fused merge must round both
+    as torch does (no FMA, IEEE division) for every tensor scale. The flake of tile_edges[64-4100-32-64-*-tensor]."""
+    torch.manual_seed(0)
+    out_f, in_f, rank = 32, 64, 16
+    for scale in (torch.rand(256) * 1e-2 + 1e-4).tolist():  # many mantissas of s
+        w_hp = (torch.randn(out_f + rank, in_f, device="cuda") * 100).clamp(-440, 440)
+        w_hp[0, 5], w_hp[1, 9] = 448.0, -448.0
+        w_fp8 = w_hp.to(E4M3)
+        lora_b = torch.randn(out_f, rank, device="cuda") * 1e-3
+        lora_b[0] = 0.0
+        lora_b[1] *= 1e-9
+        rows = torch.tensor([0, 1, 2], device="cuda")
+        layer = _Layer(w_fp8, w_fp8.t().contiguous(), torch.tensor([scale], device="cuda"), lora_b, rows, out_f)
+        eager = _eager_merge(layer, ScaleGranularity.TENSOR)
+        stats = _fused_merge(layer.clone())
+        assert int(stats[0]) == int(eager.saturated), f"tensor scale {scale!r}"

@@ -215,12 +215,12 @@ def test_main_records_a_failed_part_and_exits_1(tmp_path: Path) -> None:
     cmd = [sys.executable, str(REPO / "benchmarks" / "serve_check.py"), "--part", "smollm2", "--out", str(out)]
     proc = subprocess.run([*cmd, "--ckpt", str(tmp_path / "missing.ckpt")], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    summary = json.loads((out / "serve_check.json").read_text())
+    summary = json.loads((out / "serve_smollm2.json").read_text())
     (check,) = summary["parts"]["smollm2"]["checks"]
     assert not check["passed"] and "does not exist" in check["value"]
     assert not summary["passed"]
     assert proc.stdout.rstrip().endswith("overall: FAIL")
-    assert {p.name for p in out.iterdir()} == {"serve_check.json", "smollm2.json", "smollm2.log"}
+    assert {p.name for p in out.iterdir()} == {"serve_smollm2.json", "smollm2.json", "smollm2.log"}
 
 
 def test_format_table_lists_every_check_and_failed_loads() -> None:

@@ -133,11 +133,11 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     Buffers keep theirs: the FP8 bytes and scales, and RoPE's float32 ``inv_freq`` (transformers builds it in
     float32 whatever the load dtype, and vLLM computes its rotary table in float32 too).
     """
-    from falqon_lit.export import flush_model
+    from falqon_lit.layer import flush_all
 
     for param in model.parameters():
         param.data = param.data.to(dtype)
-    flush_model(model)  # B is zero: merges nothing, but re-marks each new B tensor as zero (the forward skips it)
+    flush_all(model)  # B is zero: merges nothing, but re-marks each new B tensor as zero (the forward skips it)
 
 
 @torch.no_grad()

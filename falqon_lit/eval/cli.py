@@ -2,9 +2,9 @@
 
 Examples::
 
-    falqon-eval --model smollm2 --tasks arc_easy,boolq --limit 100
-    falqon-eval --model exports/vllm --tasks mmlu --limit 5 --json results.json
-    falqon-eval --ckpt lightning_logs/version_0/checkpoints/last.ckpt --tasks hellaswag --device cuda
+    falqon eval --model smollm2 --tasks arc_easy,boolq --limit 100
+    falqon eval --model exports/vllm --tasks mmlu --limit 5 --json results.json
+    falqon eval --ckpt lightning_logs/version_0/checkpoints/last.ckpt --tasks hellaswag --device cuda
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from falqon_lit.backbone import DTYPES
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
+
 _DEFAULT_TASKS = "arc_easy,arc_challenge,hellaswag,boolq"
 
 
@@ -42,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda, cuda:N")
     parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of a --model folder; a --ckpt keeps its own"
+        "--dtype", choices=sorted(DTYPES), default="float32", help="dtype of a --model folder; a --ckpt keeps its own"
     )
     parser.add_argument("--list-tasks", action="store_true", help="print the task names and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -104,7 +106,7 @@ def _load_folder(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     """The ``(model, tokenizer)`` that ``--model`` or ``--ckpt`` names, on ``--device`` in eval mode."""
     device = _device(args.device)
-    dtype = _DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.ckpt is not None:
         model, tokenizer = _load_checkpoint(Path(args.ckpt))
     else:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             from falqon_lit.eval.tasks import task_names
 
             print("\n".join(task_names()))
-            return 0
+            return EXIT_OK
         if args.limit is not None and args.limit <= 0:
             raise EvalCliError(f"--limit must be > 0, got {args.limit}")
         if args.batch_size <= 0:
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model_and_tokenizer(args)
     except EvalCliError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     report = evaluate(
         model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.no_progress
     )
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": str(source), **report.to_dict()}, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

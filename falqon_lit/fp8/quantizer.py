@@ -18,7 +18,8 @@ class Float8Tensor(NamedTuple):
     data: torch.Tensor
     """FP8 bytes, 2-D."""
     scale: torch.Tensor
-    """float32, ``(1,)`` for a tensor scale or ``(rows, 1)`` for a row scale."""
+    """float32, ``(1,)`` for a tensor scale, ``(rows, 1)`` for a row scale, ``(rows, ceil(cols / 128))`` for a block
+    scale (row-expanded)."""
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """High-precision values ``data * scale``."""
@@ -33,8 +34,10 @@ class Float8Quantizer:
     """Current-scaling quantizer for one GEMM operand role.
 
     Args:
-        role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision).
-        granularity: one scale per tensor, or one per row (token or output channel).
+        role: which operand it feeds; gradients get E5M2 (range), inputs and weights E4M3 (precision), except
+            with ``block`` groups, where every role is E4M3.
+        granularity: one scale per tensor, one per row (token or output channel), or one per 1 × 128 group of a row
+            (``block``; 128 × 128 weight blocks are built by ``numerics.quantize_weight``).
         backend: ``te`` quantizes with Transformer Engine's kernels (tensor scales only); any other backend with
             the fused Triton kernels on CUDA and the eager reference path elsewhere.
     """
@@ -45,8 +48,9 @@ class Float8Quantizer:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The FP8 format for this role."""
-        return _ROLE_DTYPE[self.role]
+        """The FP8 format for this role; E4M3 for every role with 1 × 128 groups (DeepSeek-V3 §3.3.2: fine-grained
+        scales give gradients the range, so they keep E4M3's precision, and block-wise GEMMs take E4M3 operands)."""
+        return E4M3 if self.granularity == ScaleGranularity.BLOCK else _ROLE_DTYPE[self.role]
 
     def __call__(
         self, x_hp: torch.Tensor, col_scale: torch.Tensor | None = None, tail: torch.Tensor | None = None
@@ -64,7 +68,7 @@ class Float8Quantizer:
                 raise ValueError("backend 'te' quantizes with one scale per tensor only")
             x_hp = x_hp if tail is None else torch.cat([x_hp, tail], dim=1)
             return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
-        if triton_quantize.available(x_hp):
+        if triton_quantize.available(x_hp) and self.granularity != ScaleGranularity.BLOCK:  # no fused 1×128 kernel
             return Float8Tensor(*triton_quantize.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
         if tail is not None:
             x_hp = torch.cat([x_hp, tail], dim=1)

@@ -19,7 +19,13 @@ Rounding is to nearest, or stochastic when a merge counter is given: the kernel 
 ``numerics.quantize_stochastic``. The count is read from its device buffer, so a CUDA graph replays fresh bits.
 
 Same semantics as ``proxy.merge_rows``; the float32 summation order of ``delta`` differs, so a value that lands on
-an FP8 rounding boundary may round to the neighbouring byte (tests bound this to one FP8 step).
+an FP8 rounding boundary may round to the neighbouring byte (tests bound this to one FP8 step). Everything else is
+the eager arithmetic, rounding for rounding: ``old · scale`` is a rounded multiply (``mul_rn``: no FMA contraction
+with the ``+ delta`` after it) and every division is IEEE (``div_rn``; Triton's ``/`` is ``div.full.f32``, off by up
+to 2 ulp). That matters at the FP8 maximum: with a tensor scale ``s`` from the melded amax, a merged row whose update
+is zero (or below half an ulp) at a ±448 byte has ``amax / s`` within an ulp of 448, so "saturated" (``> 448``)
+hinges on the division's last bit (measured on CPU for the 64×4100, rank-32 tile-edge layer: 14 of 400 random layers
+merge such a row, and a 1-ulp division error flips the verdict in 12 of them).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs use the eager merge
     triton = None
 
@@ -69,6 +76,11 @@ if triton is not None:
         rounded = tl.minimum(rounded, fp8_limit, propagate_nan=tl.PropagateNan.ALL)
         sign = scaled.to(tl.int32, bitcast=True) & -0x80000000  # copysign, -0.0 included
         return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _dequantize(values, scale):
+        """``numerics.dequantize``: ``values · scale`` rounded to float32 on its own (never fused into an FMA)."""
+        return libdevice.mul_rn(values, tl.broadcast_to(scale[:, None], values.shape))
 
     @triton.jit
     def _scales(scale_ptr, idx, mask, ROW_SCALE: tl.constexpr):
@@ -117,7 +129,7 @@ if triton is not None:
         )  # fmt: skip
         old_scale = _scales(scale_ptr, rows, m_mask, ROW_SCALE)
         old = tl.load(w_ptr + rows[:, None] * in_features + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        new = old * old_scale[:, None] + delta
+        new = _dequantize(old, old_scale) + delta
         tl.atomic_max(amax_ptr + m_offs, tl.max(tl.abs(new), axis=1), mask=m_mask)
         tl.atomic_max(changed_ptr + m_offs, tl.max((delta != 0).to(tl.float32), axis=1), mask=m_mask)
         if tl.program_id(1) == 0:
@@ -138,9 +150,9 @@ if triton is not None:
         old_scale = tl.load(old_scale_ptr + m_offs, mask=m_mask, other=1.0)
         amax = tl.load(amax_ptr + m_offs, mask=m_mask, other=0.0)
         changed = tl.load(changed_ptr + m_offs, mask=m_mask, other=0.0) > 0
-        new_scale = tl.maximum(amax, eps) / fp8_limit if ROW_SCALE else old_scale
+        new_scale = tl.math.div_rn(tl.maximum(amax, eps), fp8_limit) if ROW_SCALE else old_scale  # amax_to_scale
         w_offs = rows[:, None] * in_features + k_offs[None, :]
-        old = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32) * old_scale[:, None]
+        old = _dequantize(tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32), old_scale)
         scaled = tl.math.div_rn(old + delta, new_scale[:, None])
         if STOCHASTIC:
             # Hash keys as proxy.merge_bits: row · in + column + count · 0x632BE5AB + salt · 0x9E3779B1, in int64
@@ -162,7 +174,8 @@ if triton is not None:
             if ROW_SCALE:
                 tl.store(scale_ptr + rows, new_scale, mask=m_mask & changed)
             else:  # the kept tensor scale may not fit: count rows with a value clamped to the FP8 range
-                tl.atomic_add(stats_ptr + 0, tl.sum((m_mask & (amax / old_scale > fp8_limit)).to(tl.float32)))
+                saturated = m_mask & (tl.math.div_rn(amax, old_scale) > fp8_limit)  # IEEE: see the module docstring
+                tl.atomic_add(stats_ptr + 0, tl.sum(saturated.to(tl.float32)))
 
 
 def merge_rows_fused(

@@ -124,6 +124,10 @@ def transpose(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+FUSED_GRANULARITIES = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)
+"""Scale granularities the fused kernels compute (1 × 128 block groups take the eager path)."""
+
+
 def quantize_fused(
     x_hp: torch.Tensor,
     dtype: torch.dtype = E4M3,
@@ -142,6 +146,8 @@ def quantize_fused(
         ``(x_fp8 (M, N + T), scale)`` exactly as ``numerics.quantize_dynamic`` of ``torch.cat([x_hp, tail], 1).float()
         * col_scale`` would.
     """
+    if granularity not in FUSED_GRANULARITIES:
+        raise ValueError(f"quantize_fused computes tensor or row scales, got {granularity.value!r}")
     rows, cols = x_hp.shape
     tail_cols = 0 if tail is None else tail.shape[1]
     out = torch.empty(rows, cols + tail_cols, dtype=dtype, device=x_hp.device)

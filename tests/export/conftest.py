@@ -53,11 +53,14 @@ def train_a_few_steps(model: torch.nn.Module, batches: list[torch.Tensor], lr: f
     model.eval()
 
 
-def make_tiny(weight_scaling: str, act_scaling: str, seed: int = 0, bf16_exact: bool = True):
+def make_tiny(
+    weight_scaling: str, act_scaling: str, seed: int = 0, bf16_exact: bool = True, group_projections: bool = True
+):
     """A trained tiny Llama (hidden 64, 2 layers) and its byte tokenizer.
 
     ``bf16_exact`` rounds the high-precision weights to bf16 values first (as bf16 training keeps them), so the
-    bf16 export of embeddings/norms/lm_head is lossless and only the FP8 path is under test.
+    bf16 export of embeddings/norms/lm_head is lossless and only the FP8 path is under test. ``group_projections``
+    as in ``convert_model`` (grouped tensor-scaled shards share one scale).
     """
     torch.manual_seed(seed)
     model = tiny_llama(
@@ -66,7 +69,8 @@ def make_tiny(weight_scaling: str, act_scaling: str, seed: int = 0, bf16_exact: 
     if bf16_exact:
         for param in model.parameters():
             param.data = param.data.bfloat16().float()
-    convert_model(model, FalqonConfig(rank=16, weight_scaling=weight_scaling, act_scaling=act_scaling))
+    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, act_scaling=act_scaling)
+    convert_model(model, config, group_projections=group_projections)
     batches = [torch.randint(0, 256, (2, 16)) for _ in range(4)]
     train_a_few_steps(model, batches, lr=5e-2, k=16)
     return model, byte_tokenizer()
@@ -105,6 +109,12 @@ def _build_smollm2():
     batches = [tokenizer(texts[i % 2], return_tensors="pt").input_ids for i in range(3)]
     train_a_few_steps(model, batches, lr=2e-3, k=16)
     return model, tokenizer, initial
+
+
+@pytest.fixture
+def byte_tok() -> PreTrainedTokenizerFast:
+    """A fresh :func:`byte_tokenizer`."""
+    return byte_tokenizer()
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from falqon_lit import falqon_layers
+from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
 from falqon_lit.export import ExportError, export_model, load_for_export, save_falqon_model
-from falqon_lit.export.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from falqon_lit.export.cli import main
 
 
 @pytest.fixture
@@ -41,8 +42,10 @@ def test_cli_vllm_writes_exact_file_set(saved, tmp_path, capsys):
     folder, _ = saved
     out = tmp_path / "vllm"
     assert main(["--target", "vllm", "--ckpt", str(folder), "--out", str(out), "--json"]) == EXIT_OK
-    results = json.loads(capsys.readouterr().out)
+    results = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert results[0]["passed"] and results[0]["bytes_identical"] == [14, 14]
+    assert results[1]["gating"] is False  # the noise-bound comparison, reported as information
+    assert results[2]["backend"] == "vLLM" and results[2]["status"] == "skipped" and results[2]["passed"] is None
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "falqon_manifest.json",
@@ -62,7 +65,7 @@ def test_cli_needs_force_to_replace(saved, tmp_path, capsys):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    assert main(["--target", "hf", "--ckpt", str(folder), "--out", str(out), "--no-verify"]) == EXIT_BAD_INPUT
+    assert main(["--target", "hf", "--ckpt", str(folder), "--out", str(out), "--no-verify"]) == EXIT_USAGE
     assert "already exists; pass --force" in _error_line(capsys)
     assert (out / "keep.txt").exists()
     assert main(["--target", "hf", "--ckpt", str(folder), "--out", str(out), "--no-verify", "--force"]) == EXIT_OK
@@ -71,7 +74,7 @@ def test_cli_needs_force_to_replace(saved, tmp_path, capsys):
 
 def test_cli_unknown_target_one_line_error(saved, tmp_path, capsys):
     folder, _ = saved
-    assert main(["--target", "tflite", "--ckpt", str(folder), "--out", str(tmp_path / "x")]) == EXIT_BAD_INPUT
+    assert main(["--target", "tflite", "--ckpt", str(folder), "--out", str(tmp_path / "x")]) == EXIT_USAGE
     assert "unknown export target 'tflite'; choose one of vllm, onnx, hf" in _error_line(capsys)
 
 
@@ -79,11 +82,11 @@ def test_cli_not_a_falqon_checkpoint_one_line_error(tiny_factory, tmp_path, caps
     model, _ = tiny_factory("tensor", "tensor")
     plain = tmp_path / "plain"
     model.config.save_pretrained(plain)  # an HF folder without FALQON metadata
-    assert main(["--target", "vllm", "--ckpt", str(plain), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert main(["--target", "vllm", "--ckpt", str(plain), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "is not a FALQON model folder" in _error_line(capsys)
     bogus = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, bogus)
-    assert main(["--target", "vllm", "--ckpt", str(bogus), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert main(["--target", "vllm", "--ckpt", str(bogus), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "is not a FALQON checkpoint" in _error_line(capsys)
     assert main(["--target", "vllm", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in _error_line(capsys)
@@ -92,7 +95,7 @@ def test_cli_not_a_falqon_checkpoint_one_line_error(tiny_factory, tmp_path, caps
 def test_cli_missing_tokenizer_one_line_error(tiny_factory, tmp_path, capsys):
     model, _ = tiny_factory("tensor", "tensor")
     folder = save_falqon_model(model, None, tmp_path / "no_tok")
-    assert main(["--target", "onnx", "--ckpt", str(folder), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert main(["--target", "onnx", "--ckpt", str(folder), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "has no tokenizer files" in _error_line(capsys)
     assert not (tmp_path / "o").exists()
 
@@ -107,7 +110,7 @@ def test_cli_onnx_float64_reports_identical_greedy_tokens(saved, tmp_path, capsy
     manifest = json.loads((out / "falqon_manifest.json").read_text())
     assert manifest["export_options"]["onnx_precision"] == "float64" and manifest["onnx"]["precision"] == "float64"
     argv = ["--target", "onnx", "--ckpt", str(folder), "--out", str(tmp_path / "x"), "--onnx-precision", "fp16"]
-    assert main(argv) == EXIT_BAD_INPUT
+    assert main(argv) == EXIT_USAGE
     assert "--onnx-precision must be one of ['float32', 'float64'], got 'fp16'" in _error_line(capsys)
     assert not (tmp_path / "x").exists()
 
@@ -121,7 +124,7 @@ def test_cli_layer_target_cannot_express_one_line_error(tiny_factory, tmp_path, 
     partial = LlamaForCausalLM(model.config)
     convert_model(partial, FalqonConfig(rank=16, target_modules=["q_proj", "gate_proj"]))
     folder = save_falqon_model(partial, tokenizer, tmp_path / "partial")
-    assert main(["--target", "vllm", "--ckpt", str(folder), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert main(["--target", "vllm", "--ckpt", str(folder), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "vLLM fuses" in _error_line(capsys)
     assert not (tmp_path / "o").exists()
 
