@@ -202,7 +202,7 @@ def run(argv: list[str] | None = None) -> int:
             # FALQON's conversion line counts FP8 weights; Lightning's table counts parameters only (no FLOPs on CPU).
             trainer_defaults={"enable_model_summary": False},
         )
-    except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
+    except (ArgumentError, ValueError, TypeError, FileNotFoundError, ImportError) as err:  # ImportError: an extra
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -3,6 +3,7 @@ and no file written or changed (``falqon fit`` in-process on the tiny Llama, ``f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -163,6 +164,17 @@ FIT_CASES: list[tuple[str, Setup, tuple[str, ...]]] = [
         "ckpt-of-another-rank",
         _ckpt(lambda p: _fake_checkpoint(p / "r32.ckpt", falqon=FalqonConfig(rank=32))),
         ("FALQON config differs: rank 32 vs 16", "--model.falqon"),
+    ),
+    *(  # a bad input only where Transformer Engine is not installed
+        []
+        if importlib.util.find_spec("transformer_engine")
+        else [
+            (
+                "te-not-installed",
+                _args(*(f"--model.falqon.{k}" for k in ("backend=TE", "weight_scaling=TENSOR", "act_scaling=TENSOR"))),
+                ("backend 'te' needs Transformer Engine", "backend 'torch'"),
+            )
+        ]
     ),
 ]
 
