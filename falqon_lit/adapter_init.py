@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from falqon_lit.config import FalqonConfig, InitMethod, ScaleGranularity
-from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_dynamic
+from falqon_lit.config import FalqonConfig, InitMethod
+from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_weight
 from falqon_lit.layer import FalqonLinear
 
 _LOWRANK_OVERSAMPLE = 16
@@ -83,8 +83,8 @@ def refresh_generator(layer: FalqonLinear, refresh_index: int) -> torch.Generato
 def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
     """Replace the ``r`` rows of ``A`` in the melded FP8 weight, requantizing only those rows (both layouts).
 
-    Row scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows beyond its
-    FP8 range are scaled down to fit). ``W``'s rows keep every byte.
+    Row and block scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows
+    beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte.
 
     Raises:
         TypeError: a layer whose rows are split across ranks.
@@ -98,8 +98,8 @@ def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
         raise ValueError("set_lora_A needs B == 0; flush the layer (merge B into W) before replacing A")
     n = layer.out_features
     a_hp = lora_A_hp.detach().float().to(layer.weight_fp8.device)
-    if layer.weight_scale.numel() > 1:
-        data, scale = quantize_dynamic(a_hp, E4M3, ScaleGranularity.ROW)
+    if layer.weight_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
+        data, scale = quantize_weight(a_hp, layer.config.weight_scaling)
         layer.weight_scale[n:] = scale
     else:
         # The scale is W's too; new rows beyond its range are shrunk as a whole (clamping would bend directions).

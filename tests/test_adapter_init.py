@@ -98,6 +98,9 @@ def test_set_lora_A_requantizes_only_the_A_rows_in_both_layouts(granularity: Sca
     if granularity == ScaleGranularity.ROW:  # fresh row scales: amax / 448 per new row
         scale = new_A.abs().amax(dim=1, keepdim=True) / 448
         assert torch.allclose(layer.weight_scale[96:], scale, rtol=1e-6)
+    elif granularity == ScaleGranularity.BLOCK:  # fresh block scales of A's own block row: amax / 448 per block
+        scale = new_A.abs().reshape(16, 1, 64).amax(dim=(0, 2)).expand(16, 1) / 448  # in = 64: one column block
+        assert torch.allclose(layer.weight_scale[96:], scale, rtol=1e-6)
     else:
         scale = layer.weight_scale
     assert torch.equal(_bytes(layer.weight_fp8[96:]), _bytes(quantize(new_A, scale, E4M3)))

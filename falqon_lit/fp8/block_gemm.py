@@ -1,17 +1,17 @@
 """GEMMs with 128 × 128 block-scaled weights and 1 × 128 group-scaled activations (the DeepSeek-V3 recipe).
 
-On CUDA, ``torch._scaled_mm`` infers block-wise scaling from the scale shapes (cuBLAS ≥ 12.9, sm90): the left
-operand's scale ``(M, K / 128)`` must be outer-dim-major (``s.t().contiguous().t()``), the right operand's
-``(K / 128, N / 128)`` a transposed view whose leading dimension is padded to a multiple of 4 (PyTorch's own
-tests, ``test_scaled_mm_vs_emulated_block_wise``). That kernel needs the weight's blocks on a plain 128-row grid:
-a melded ``[W; A]`` has one only when ``out % 128 == 0`` (``A`` starts a block row of its own), and the activation
-must have group scales. Otherwise, or when the kernel refuses a shape, the GEMM falls back to a float32 GEMM of the
-dequantized operands: exact, slower than an FP8 GEMM, and announced once per shape with a warning.
+On CUDA, ``torch._scaled_mm`` infers block-wise scaling from the scale shapes (cuBLAS ≥ 12.9, sm90). torch 2.11
+pairs 1 × 128 scales on the left operand ``(M, K / 128)`` only with 1 × 128 scales on the right ``(K / 128, N)``,
+both outer-dim-major (its error message lists the combinations; a 1 × 128 by 128 × 128 pair is refused, seen on the
+H200), so a weight's 128 × 128 block scale is passed repeated over its 128 columns: the same values. That kernel
+needs the weight's blocks on a plain 128-row grid: a melded ``[W; A]`` has one only when ``out % 128 == 0`` (``A``
+starts a block row of its own), and the activation must have group scales. Otherwise, or when the kernel refuses a
+shape, the GEMM falls back to a float32 GEMM of the dequantized operands: exact, slower than an FP8 GEMM, and
+announced once per shape with a warning.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -24,25 +24,18 @@ _REFUSED: set[tuple[int, int, int]] = set()
 """(M, N, K) shapes the block-wise kernel refused: they take the fallback without trying again."""
 
 
-def _rhs_scale(scale_nk: torch.Tensor) -> torch.Tensor:
-    """A ``(N/128, K/128)`` block scale as the ``(K/128, N/128)`` view with stride ``(1, L4)`` cuBLAS reads."""
-    nb, kb = scale_nk.shape
-    padded = scale_nk.new_zeros(nb, 4 * math.ceil(kb / 4))
-    padded[:, :kb] = scale_nk
-    return padded[:, :kb].t()
-
-
-def _blockwise(a: Float8Tensor, b_col: torch.Tensor, b_scale_nk: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``torch._scaled_mm`` with 1 × 128 scales on ``a`` ``(M, K)`` and 128 × 128 blocks on ``b_col`` ``(K, N)``
-    (column-major), or ``None`` when the kernel refuses the shape."""
+def _blockwise(a: Float8Tensor, b_col: torch.Tensor, scale_b_kn: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` with 1 × 128 group scales on ``a`` ``(M, K)`` and on ``b_col`` ``(K, N)`` (column-major):
+    ``scale_b_kn`` ``(K / 128, N)`` holds one scale per 128-long K group of each of ``b``'s columns (a 128 × 128
+    block scale repeated over its 128 columns: the same values, which torch 2.11's cuBLAS path takes, as it pairs
+    1 × 128 only with 1 × 128). Returns ``None`` when the kernel refuses the shape."""
     key = (a.data.shape[0], b_col.shape[1], a.data.shape[1])
     if key in _REFUSED:
         return None
-    scale_a = a.scale.float().t().contiguous().t()  # outer-dim-major
+    scale_a = a.scale.float().t().contiguous().t()  # (M, K/128), outer-dim-major: stride (1, M)
+    scale_b = scale_b_kn.float().contiguous()  # (K/128, N), outer-dim-major: stride (N, 1)
     try:
-        return torch._scaled_mm(
-            a.data, b_col, scale_a=scale_a, scale_b=_rhs_scale(b_scale_nk.float()), out_dtype=out_dtype
-        )
+        return torch._scaled_mm(a.data, b_col, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     except (RuntimeError, NotImplementedError, ValueError) as err:
         _REFUSED.add(key)
         warnings.warn(
@@ -62,7 +55,8 @@ def block_scaled_mm(a: Float8Tensor, b: Float8Tensor, out_dtype: torch.dtype, bl
     """``deq(a) @ deq(b)ᵀ`` on CUDA, ``b`` ``(N, K)`` holding 128 × 128 blocks (row-expanded scale) and ``a``
     ``(M, K)`` 1 × 128 groups; either may instead carry a tensor or row scale (then the fallback runs)."""
     if block_aligned and is_block_scale(a.scale) and is_block_scale(b.scale):
-        out = _blockwise(a, b.data.t(), compact_block_scale(b.scale), out_dtype)
+        # b.scale is row-expanded (N, K/128): per output column and K group already.
+        out = _blockwise(a, b.data.t(), b.scale.t(), out_dtype)
         if out is not None:
             return out
     return _dequantized_mm(a, b.dequantize(torch.float32).t(), out_dtype)
@@ -98,7 +92,10 @@ def grad_input_mm(
         k_full = SCALE_BLOCK * (weight_t.shape[1] // SCALE_BLOCK)
         head = Float8Tensor(grad.data[:, :k_full], grad.scale[:, : k_full // SCALE_BLOCK])
         # _scaled_mm(a (M, K), b (K, N) column-major): weight_t (N, K) row-major is exactly that, transposed.
-        out = _blockwise(head, weight_t[:, :k_full].t(), compact_block_scale(weight_scale[:k_full]).t(), out_dtype)
+        # W' (K, N)'s block scales, one per 128 rows of K, repeated over the 128 columns of each block.
+        cols = weight_t.shape[0]
+        scale_kn = compact_block_scale(weight_scale[:k_full]).repeat_interleave(SCALE_BLOCK, dim=1)[:, :cols]
+        out = _blockwise(head, weight_t[:, :k_full].t(), scale_kn, out_dtype)
         if out is not None:
             if k_full == weight_t.shape[1]:
                 return out
