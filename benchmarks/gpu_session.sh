@@ -54,6 +54,8 @@ controls() {
   # The quality controls and remedies (benchmarks/quality.py --study controls) in the background, so that untimed
   # work (the GPU tests) can share the GPU meanwhile; controls_wait collects them.
   mkdir -p /tmp/quality-controls
+  # $QUALITY_RECORDS: an earlier call's quality.jsonl; its finished runs are skipped, the rest resume.
+  [ -n "${QUALITY_RECORDS:-}" ] && [ ! -e /tmp/quality-controls/quality.jsonl ] && cp "$QUALITY_RECORDS" /tmp/quality-controls/
   OMP_NUM_THREADS=2 timeout 560 python3 benchmarks/quality.py --study controls --jobs "${QUALITY_JOBS:-8}" \
     --out /tmp/quality-controls --time-budget "${QUALITY_BUDGET:-420}" ${QUALITY_ARGS:-} > "$out/quality_controls.log" 2>&1 &
   controls_pid=$!
