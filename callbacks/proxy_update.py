@@ -56,6 +56,9 @@ class RowwiseProxyUpdate(Callback):
             ``calibration_batches``, a negative ``warmup_steps``, or an unknown ``score`` or ``refresh_directions``.
     """
 
+    calibrates_gradient_init = True
+    """Read by ``FalqonLitModule``: this callback computes ``A`` of ``init: gradient`` layers when training starts."""
+
     def __init__(
         self,
         k: int | None = None,
@@ -67,7 +70,7 @@ class RowwiseProxyUpdate(Callback):
         log_rows: bool = True,
         refresh_every_n_steps: int | None = None,
         refresh_directions: str = "gradient",
-        calibration_batches: int = 1,
+        calibration_batches: int = 4,
     ) -> None:
         problems = []
         for name, value in (("k", k), ("warmup_k", warmup_k), ("refresh_every_n_steps", refresh_every_n_steps)):

@@ -123,8 +123,11 @@ class FalqonConfig:
     act_scaling: ScaleGranularity = ScaleGranularity.ROW
     """Dynamic scale granularity of activations and gradients: ``row`` (per token; default, as vLLM serves FP8
     inputs), ``tensor`` (paper) or ``block`` (per 1 × 128 group of a token, as FP8_BLOCK checkpoints serve)."""
-    init: InitMethod = InitMethod.SVD
-    """Initialisation of ``A``: ``svd`` of the quantization error, or ``random``."""
+    init: InitMethod = InitMethod.GRADIENT
+    """Initialisation of ``A``: ``gradient`` (default: the top-r directions of the first batches' weight gradient,
+    computed by ``RowwiseProxyUpdate`` when training starts; in the quality study it closes FALQON's gap to bf16
+    LoRA, +5.9% → −0.2% held-out loss, because ``A`` is frozen), ``svd`` of the quantization error (the paper), or
+    ``random``."""
     b_policy: BPolicy = BPolicy.KEEP
     """After a proxy update: ``keep`` the unmerged rows as an exact residual (default), or ``zero`` all of ``B``
     (paper; in the study it learns almost nothing: +30% held-out loss against bf16 LoRA, vs +6% for keep)."""
@@ -199,7 +202,7 @@ class FalqonConfig:
         """Build a named preset: ``paper`` (FALQON as published: tensor scales, zero B, nearest merges) or
         ``fp8-row`` (the paper's proxy update with row scales and per-token inputs); the defaults are the study's
         choice (row scales, keep B, stochastic merges)."""
-        paper = {"b_policy": BPolicy.ZERO, "merge_rounding": Rounding.NEAREST}
+        paper = {"b_policy": BPolicy.ZERO, "merge_rounding": Rounding.NEAREST, "init": InitMethod.SVD}
         recipes = {
             "paper": cls(weight_scaling=ScaleGranularity.TENSOR, act_scaling=ScaleGranularity.TENSOR, **paper),
             "fp8-row": cls(weight_scaling=ScaleGranularity.ROW, act_scaling=ScaleGranularity.ROW, **paper),

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -26,7 +26,7 @@ from falqon_lit.backbone import (
     resolve_backbone,
 )
 from falqon_lit.checkpoint import RECORD_KEY, check_record, fp8_source_layers, model_record
-from falqon_lit.config import FalqonConfig, plain_dict
+from falqon_lit.config import FalqonConfig, InitMethod, plain_dict
 from falqon_lit.convert import ConversionReport, convert_model
 from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
 from falqon_lit.generation import generate_text
@@ -109,6 +109,16 @@ class FalqonLitModule(LightningModule):
         self.val_loss = MeanMetric()
 
     # ------------------------------------------------------------------------------------------------- model
+    @override
+    def on_train_start(self) -> None:
+        # init: gradient leaves A random until a calibrating callback (RowwiseProxyUpdate) computes it: say so.
+        gradient_init = any(layer.config.init == InitMethod.GRADIENT for layer in self.falqon_layers().values())
+        if gradient_init and not any(getattr(cb, "calibrates_gradient_init", False) for cb in self.trainer.callbacks):
+            rank_zero_warn(
+                "init: gradient needs the RowwiseProxyUpdate callback to compute A when training starts; without "
+                "it A stays random. Add falqon_lit.callbacks.RowwiseProxyUpdate() or set init: SVD or RANDOM",
+            )
+
     @override
     def configure_model(self) -> None:
         """Load (or randomly build) the backbone and convert it; a second call does nothing."""
