@@ -15,6 +15,8 @@ There is no gradient for ``W`` or ``A``: they change only through the row-wise p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from falqon_lit.config import SCALE_BLOCK, Backend, GemmRole, ScaleGranularity
@@ -110,6 +112,19 @@ def transposed(weight_fp8: torch.Tensor) -> torch.Tensor:
     return weight_fp8.t().contiguous()
 
 
+@dataclass(frozen=True, slots=True)
+class MeldedArgs:
+    """The non-tensor arguments of the melded autograd functions (as Transformer Engine's ``LinearFwdArgs``): how
+    the GEMMs quantize and run, and whether ``B`` holds a residual the forward and backward must include."""
+
+    act_scaling: ScaleGranularity
+    """Scale granularity of the input (forward) and gradient (backward) quantization."""
+    backend: Backend
+    """The resolved GEMM back-end."""
+    residual: bool
+    """``B`` may be non-zero: add ``O_A Bᵀ`` forward and ``g B A`` backward."""
+
+
 class FalqonLinearFunction(torch.autograd.Function):
     """Autograd adapter: saves only ``O_A``, ``B`` (for a residual) and references to the FP8 weight buffers
     (``weight_t_fp8`` is ``None`` when the layer keeps no transposed copy)."""
@@ -122,20 +137,19 @@ class FalqonLinearFunction(torch.autograd.Function):
         weight_fp8: torch.Tensor,
         weight_t_fp8: torch.Tensor | None,
         weight_scale: torch.Tensor,
-        act_scaling: ScaleGranularity,
-        backend: Backend,
-        residual: bool,
+        args: MeldedArgs,
     ) -> torch.Tensor:
         out_features = lora_B.shape[0]
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
         weight = Float8Tensor(weight_fp8, weight_scale)
-        o, o_a = melded_forward(x_2d, weight, out_features, act_scaling, backend, prequantized_input(x, act_scaling))
+        x_fp8 = prequantized_input(x, args.act_scaling)
+        o, o_a = melded_forward(x_2d, weight, out_features, args.act_scaling, args.backend, x_fp8)
         # B is zero right after a merge (policy "zero"): then y = O exactly and the small GEMM is skipped.
         # Otherwise O += O_A Bᵀ in place: cuBLAS reads and writes the strided view once (beta = 1), where an
         # out-of-place addmm would first copy O into a new tensor.
-        y = o.addmm_(o_a, lora_B.t().to(o.dtype)) if residual else o
+        y = o.addmm_(o_a, lora_B.t().to(o.dtype)) if args.residual else o
         ctx.save_for_backward(o_a, lora_B, weight_fp8, weight_t_fp8, weight_scale)
-        ctx.act_scaling, ctx.backend, ctx.residual = act_scaling, backend, residual
+        ctx.args = args
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -156,11 +170,11 @@ class FalqonLinearFunction(torch.autograd.Function):
             grad_x_2d = melded_grad_input(
                 grad_2d,
                 Float8Tensor(weight_t_fp8, weight_scale),
-                lora_B if ctx.residual else None,
-                ctx.act_scaling,
-                ctx.backend,
+                lora_B if ctx.args.residual else None,
+                ctx.args.act_scaling,
+                ctx.args.backend,
                 out_dtype=grad_y.dtype,
             )
             grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t_fp8.shape[0])
 
-        return grad_x, grad_b, None, None, None, None, None, None
+        return grad_x, grad_b, None, None, None, None

@@ -32,7 +32,7 @@ from falqon_lit.config import FalqonConfig, ScaleGranularity
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, quantize_dynamic
 from falqon_lit.functional import prequantized_input
-from falqon_lit.grouped_functional import FalqonGroupFunction, GroupLayout
+from falqon_lit.grouped_functional import FalqonGroupFunction, GroupArgs, GroupLayout
 from falqon_lit.layer import FalqonLinear
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,8 @@ class ProjectionGroup:
         residual = tuple(not m._b_is_zero() for m in self.members)
         lora_Bs = [m.lora_B for m in self.members]
         x_fp8 = prequantized_input(x, self.config.act_scaling)
-        return FalqonGroupFunction.apply(
-            x, x_fp8, self.weight_fp8, self.weight_scale, self.layout, self.config.act_scaling, backend, residual,
-            *lora_Bs,
-        )  # fmt: skip
+        args = GroupArgs(self.layout, self.config.act_scaling, backend, residual)
+        return FalqonGroupFunction.apply(x, x_fp8, self.weight_fp8, self.weight_scale, args, *lora_Bs)
 
 
 def grouping_problem(members: list[nn.Module]) -> str:

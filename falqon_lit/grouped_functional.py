@@ -18,6 +18,8 @@ inside the GEMM: that is the one place where the arithmetic differs from three s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from falqon_lit.config import Backend, GemmRole, ScaleGranularity
@@ -27,6 +29,20 @@ from falqon_lit.functional import grad_gemm, transposed
 
 GroupLayout = tuple[tuple[int, int, int], ...]
 """Per projection ``(first row, out_features, rank)`` in the stacked weight."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupArgs:
+    """The non-tensor arguments of :class:`FalqonGroupFunction` (as ``functional.MeldedArgs``, per projection)."""
+
+    layout: GroupLayout
+    """Per projection ``(first row, out_features, rank)`` in the stacked weight."""
+    act_scaling: ScaleGranularity
+    """Scale granularity of the input and gradient quantization."""
+    backend: Backend
+    """The resolved GEMM back-end."""
+    residual: tuple[bool, ...]
+    """Per projection: ``B`` may be non-zero."""
 
 
 class FalqonGroupFunction(torch.autograd.Function):
@@ -40,45 +56,44 @@ class FalqonGroupFunction(torch.autograd.Function):
         x_fp8: Float8Tensor | None,
         weight_fp8: torch.Tensor,
         weight_scale: torch.Tensor,
-        layout: GroupLayout,
-        act_scaling: ScaleGranularity,
-        backend: Backend,
-        residual: tuple[bool, ...],
+        args: GroupArgs,
         *lora_Bs: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
         if x_fp8 is None:  # else the op that produced x quantized it already (``fused_inputs``)
-            x_fp8 = Float8Quantizer(GemmRole.INPUT, act_scaling, backend)(x_2d)
-        out = fp8_gemm(x_fp8, Float8Tensor(weight_fp8, weight_scale), out_dtype=x_2d.dtype, backend=backend)  # (M, R)
+            x_fp8 = Float8Quantizer(GemmRole.INPUT, args.act_scaling, args.backend)(x_2d)
+        weight = Float8Tensor(weight_fp8, weight_scale)
+        out = fp8_gemm(x_fp8, weight, out_dtype=x_2d.dtype, backend=args.backend)  # (M, R)
         ys, o_as = [], []
-        for (start, n_out, rank), lora_B, has_residual in zip(layout, lora_Bs, residual, strict=True):
+        for (start, n_out, rank), lora_B, has_residual in zip(args.layout, lora_Bs, args.residual, strict=True):
             o = out[:, start : start + n_out]  # strided view, as in the single layer
             o_a = out[:, start + n_out : start + n_out + rank].clone()  # (M, r), small, saved
             y = o.addmm_(o_a, lora_B.t().to(o.dtype)) if has_residual else o
             ys.append(y.reshape(*x.shape[:-1], n_out))
             o_as.append(o_a)
         ctx.save_for_backward(weight_fp8, weight_scale, *o_as, *lora_Bs)
-        ctx.layout, ctx.act_scaling, ctx.backend, ctx.residual = layout, act_scaling, backend, residual
+        ctx.args = args
         return tuple(ys)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, *grad_ys: torch.Tensor | None):  # type: ignore[override]
         weight_fp8, weight_scale, *rest = ctx.saved_tensors
-        n = len(ctx.layout)
+        args = ctx.args
+        n = len(args.layout)
         o_as, lora_Bs = rest[:n], rest[n:]
         m = o_as[0].shape[0]
         shape = next(g.shape[:-1] for g in grad_ys if g is not None)
         dtype = next(g.dtype for g in grad_ys if g is not None)
         grads_b: list[torch.Tensor | None] = []
         pieces: list[torch.Tensor] = []
-        terms = zip(ctx.layout, o_as, lora_Bs, grad_ys, strict=True)
+        terms = zip(args.layout, o_as, lora_Bs, grad_ys, strict=True)
         for i, ((_, n_out, rank), o_a, lora_B, grad_y) in enumerate(terms):
             g = o_a.new_zeros(m, n_out, dtype=dtype) if grad_y is None else grad_y.reshape(m, n_out)  # (M, out)
             # grad_weight (Alg. 1): dL/dB_p = g_pᵀ · O_A_p, small and in high precision.
-            needs_b = ctx.needs_input_grad[8 + i]
+            needs_b = ctx.needs_input_grad[5 + i]  # after x, x_fp8, weight_fp8, weight_scale, args
             grads_b.append((g.t() @ o_a.to(g.dtype)).to(lora_B.dtype) if needs_b else None)
             # A zero B contributes zero columns: the stacked GEMM keeps the A rows of every projection.
-            tail = g @ lora_B.to(g.dtype) if ctx.residual[i] else g.new_zeros(m, rank)
+            tail = g @ lora_B.to(g.dtype) if args.residual[i] else g.new_zeros(m, rank)
             pieces += [g, tail]
 
         # grad_input (Alg. 1): one E5M2 × E4M3 FP8 GEMM over the whole group.
@@ -86,6 +101,6 @@ class FalqonGroupFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_full = torch.cat(pieces, dim=1)  # (M, R) in the stacked row order
             weight_t = Float8Tensor(transposed(weight_fp8), weight_scale)
-            grad_x = grad_gemm(grad_full, None, weight_t, ctx.act_scaling, ctx.backend, out_dtype=dtype)
+            grad_x = grad_gemm(grad_full, None, weight_t, args.act_scaling, args.backend, out_dtype=dtype)
             grad_x = grad_x.reshape(*shape, weight_fp8.shape[1])
-        return grad_x, None, None, None, None, None, None, None, *grads_b
+        return grad_x, None, None, None, None, *grads_b

@@ -24,7 +24,7 @@ from falqon_lit.config import FP8_GEMM_ALIGNMENT, BPolicy, FalqonConfig, InitMet
 from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, dequantize, group_count, quantize_weight
-from falqon_lit.functional import FalqonLinearFunction
+from falqon_lit.functional import FalqonLinearFunction, MeldedArgs
 from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import merge_bits, merge_rows, select_rows
 
@@ -172,9 +172,7 @@ class FalqonLinear(nn.Module):
             self.weight_fp8,
             self.weight_t_fp8,
             self.weight_scale,
-            self.config.act_scaling,
-            backend,
-            not self._b_is_zero(),
+            MeldedArgs(self.config.act_scaling, backend, residual=not self._b_is_zero()),
         )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from falqon_lit.config import BPolicy, Rounding
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import dequantize
+from falqon_lit.functional import MeldedArgs
 from falqon_lit.layer import FalqonLinear, falqon_layers
 from falqon_lit.proxy import merge_bits, merge_rows, row_scores, top_rows
 from falqon_lit.sharded_functional import ShardedMeldedFunction, all_gather_rows, gather_melded
@@ -112,9 +113,7 @@ class ShardedFalqonLinear(FalqonLinear):
             self.lora_A_fp8,
             self.lora_A_scale,
             self.group,
-            self.config.act_scaling,
-            backend,
-            not self._b_is_zero(),
+            MeldedArgs(self.config.act_scaling, backend, residual=not self._b_is_zero()),
         )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from falqon_lit.config import Backend, ScaleGranularity
 from falqon_lit.fp8.numerics import E4M3
 from falqon_lit.fp8.quantizer import Float8Tensor
-from falqon_lit.functional import melded_forward, melded_grad_input, transposed
+from falqon_lit.functional import MeldedArgs, melded_forward, melded_grad_input, transposed
 
 # ------------------------------------------------------------------------------------------------- collectives
 # torch 2.13 renamed the single-tensor collectives (the old names warn FutureWarning); older torch has only those.
@@ -64,18 +63,16 @@ class ShardedMeldedFunction(torch.autograd.Function):
         lora_A_fp8: torch.Tensor,
         lora_A_scale: torch.Tensor,
         group: dist.ProcessGroup,
-        act_scaling: ScaleGranularity,
-        backend: Backend,
-        residual: bool,
+        args: MeldedArgs,
     ) -> torch.Tensor:
         out_features = lora_B.shape[0] * dist.get_world_size(group)
         x_2d = x.reshape(-1, x.shape[-1])  # (M, in)
         melded, scale = gather_melded(weight_fp8, weight_scale, lora_A_fp8, lora_A_scale, group)
-        o, o_a = melded_forward(x_2d, Float8Tensor(melded, scale), out_features, act_scaling, backend)
+        o, o_a = melded_forward(x_2d, Float8Tensor(melded, scale), out_features, args.act_scaling, args.backend)
         del melded  # the gathered weight lives only for this GEMM (re-gathered in backward)
-        y = torch.addmm(o, o_a, all_gather_rows(lora_B, group).t().to(o.dtype)) if residual else o
+        y = torch.addmm(o, o_a, all_gather_rows(lora_B, group).t().to(o.dtype)) if args.residual else o
         ctx.save_for_backward(o_a, lora_B, weight_fp8, weight_scale, lora_A_fp8, lora_A_scale)
-        ctx.group, ctx.act_scaling, ctx.backend, ctx.residual = group, act_scaling, backend, residual
+        ctx.group, ctx.args = group, args
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -99,11 +96,11 @@ class ShardedMeldedFunction(torch.autograd.Function):
             grad_x_2d = melded_grad_input(
                 grad_2d,
                 Float8Tensor(weight_t, scale),
-                all_gather_rows(lora_B, group) if ctx.residual else None,
-                ctx.act_scaling,
-                ctx.backend,
+                all_gather_rows(lora_B, group) if ctx.args.residual else None,
+                ctx.args.act_scaling,
+                ctx.args.backend,
                 out_dtype=grad_y.dtype,
             )
             grad_x = grad_x_2d.reshape(*grad_y.shape[:-1], weight_t.shape[0])
 
-        return grad_x, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_b, None, None, None, None, None, None
