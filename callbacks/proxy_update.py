@@ -70,7 +70,7 @@ class RowwiseProxyUpdate(Callback):
         log_rows: bool = True,
         refresh_every_n_steps: int | None = None,
         refresh_directions: str = "gradient",
-        calibration_batches: int = 4,
+        calibration_batches: int = 1,
     ) -> None:
         problems = []
         for name, value in (("k", k), ("warmup_k", warmup_k), ("refresh_every_n_steps", refresh_every_n_steps)):

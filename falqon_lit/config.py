@@ -123,11 +123,11 @@ class FalqonConfig:
     act_scaling: ScaleGranularity = ScaleGranularity.ROW
     """Dynamic scale granularity of activations and gradients: ``row`` (per token; default, as vLLM serves FP8
     inputs), ``tensor`` (paper) or ``block`` (per 1 × 128 group of a token, as FP8_BLOCK checkpoints serve)."""
-    init: InitMethod = InitMethod.GRADIENT
-    """Initialisation of ``A``: ``gradient`` (default: the top-r directions of the first batches' weight gradient,
-    computed by ``RowwiseProxyUpdate`` when training starts; in the quality study it closes FALQON's gap to bf16
-    LoRA, +5.9% → −0.2% held-out loss, because ``A`` is frozen), ``svd`` of the quantization error (the paper), or
-    ``random``."""
+    init: InitMethod = InitMethod.SVD
+    """Initialisation of ``A``: ``svd`` of the quantization error (default, the paper's), ``random``, or
+    ``gradient``: the top-r directions of the first batches' weight gradient, computed by ``RowwiseProxyUpdate``
+    when training starts. In the quality study ``gradient`` closes FALQON's gap to bf16 LoRA (+5.9% → −0.2%
+    held-out loss, 3 seeds), because ``A`` is frozen; it is not the default yet (benchmarks/RESULTS.md says why)."""
     b_policy: BPolicy = BPolicy.KEEP
     """After a proxy update: ``keep`` the unmerged rows as an exact residual (default), or ``zero`` all of ``B``
     (paper; in the study it learns almost nothing: +30% held-out loss against bf16 LoRA, vs +6% for keep)."""
