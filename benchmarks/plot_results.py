@@ -57,21 +57,23 @@ def plot_train_step(results: list[dict], out: Path, name: str = "train_step.png"
     return path
 
 
+def _layer_label(row: dict) -> str:
+    """A layer_bench.py row's shape: one layer (``out``) or a group of projections sharing the input (``group``)."""
+    outs = "+".join(str(o) for o in row["group"]) if "group" in row else str(row["out"])
+    return f"{row['tokens']} tok, {row['in']}->{outs}, r={row['rank']}"
+
+
 def plot_layer(data: dict, out: Path) -> Path:
-    """Layer forward+backward time relative to its two FP8 GEMMs, per shape."""
+    """Layer forward+backward time per shape, one panel each (single layers and grouped projections differ)."""
     rows = data["results"]
-    names = [k for k in rows[0] if k not in ("tokens", "in", "out", "rank")]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(
-            xs, [row[n] for n in names], width, label=f"{row['tokens']} tok, {row['in']}->{row['out']}, r={row['rank']}"
-        )
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [n.replace("_", "\n") for n in names], fontsize=6)
-    ax.set_ylabel("forward+backward (ms)")
-    ax.set_title(f"One linear layer - {data['device']}", fontsize=9)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.8), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        names = [k for k, v in row.items() if isinstance(v, float)]  # the timings (ms); shape fields are ints
+        ax.bar(range(len(names)), [row[n] for n in names], color="#1f77b4")
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=5)
+        ax.set_title(_layer_label(row), fontsize=8)
+    axes[0][0].set_ylabel("forward+backward (ms)")
+    fig.suptitle(f"One linear layer / grouped projections - {data['device']}", fontsize=9)
     fig.tight_layout()
     path = out / "layer.png"
     fig.savefig(path, dpi=130)
