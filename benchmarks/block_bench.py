@@ -3,8 +3,9 @@ FP8 GEMMs (the floor) and against the row-scaled layer and its row-wise GEMMs (C
 
 Usage: python benchmarks/block_bench.py [--tokens 8192] [--shapes 4096x4096,4096x11008] [--ranks 64] [--json F]
 Prints a table and writes JSON (``--json``). Times are medians of CUDA-event-timed repeats after warm-up. The
-``fallback`` column says whether any GEMM fell back to the float32 dequantized path (``torch._scaled_mm`` refused
-block-wise scaling for that shape): then the block rows measure that fallback, not FP8 tensor cores.
+``floor_fallback`` and ``fallback`` columns say whether a floor or a layer GEMM fell back to the float32 dequantized
+path (``torch._scaled_mm`` refused block-wise scaling for that shape): then those rows measure that fallback, not
+FP8 tensor cores.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 from layer_bench import _fwd_bwd, _time_ms, main
 from torch import nn
 
-from falqon_lit.config import FalqonConfig, GemmRole, ScaleGranularity
+from falqon_lit.config import SCALE_BLOCK, Backend, FalqonConfig, GemmRole, ScaleGranularity
 from falqon_lit.fp8 import block_gemm
-from falqon_lit.fp8.numerics import compact_block_scale, quantize_weight
+from falqon_lit.fp8.numerics import quantize_weight
 from falqon_lit.fp8.quantizer import Float8Quantizer, Float8Tensor
 from falqon_lit.layer import FalqonLinear
 
@@ -23,17 +24,19 @@ BLOCK, ROW = ScaleGranularity.BLOCK, ScaleGranularity.ROW
 
 
 def _floors(x: torch.Tensor, grad: torch.Tensor, n: int, k: int, rank: int) -> dict[str, float]:
-    """The two GEMMs of one layer step with operands already quantized: block-wise and row-wise."""
+    """The two GEMMs of one layer step with operands already quantized, through the layer's own GEMM functions
+    (``block_scaled_mm`` forward, ``grad_input_mm`` backward, so the scale layouts are the layer's), and the
+    row-wise pair."""
     weight = torch.randn(n + rank, k, device="cuda")
     w_blk = Float8Tensor(*quantize_weight(weight, BLOCK))
     w_blk_t = w_blk.data.t().contiguous()
     x_blk = Float8Quantizer(GemmRole.INPUT, BLOCK)(x)
     g_blk = Float8Quantizer(GemmRole.GRAD_OUTPUT, BLOCK)(grad)
-    w_scale_nk = compact_block_scale(w_blk.scale)  # (N/128, K/128)
+    aligned = n % SCALE_BLOCK == 0
 
     def block_floor():
-        block_gemm._blockwise(x_blk, w_blk.data.t(), w_scale_nk, torch.bfloat16)
-        block_gemm._blockwise(g_blk, w_blk_t[:, :n].t(), compact_block_scale(w_blk.scale[:n]).t(), torch.bfloat16)
+        block_gemm.block_scaled_mm(x_blk, w_blk, torch.bfloat16, aligned)
+        block_gemm.grad_input_mm(g_blk, w_blk_t[:, :n], w_blk.scale[:n], torch.bfloat16, Backend.TORCH, aligned)
 
     w_row = Float8Tensor(*quantize_weight(weight, ROW))
     w_row_t = w_row.data.t().contiguous()
@@ -48,7 +51,7 @@ def _floors(x: torch.Tensor, grad: torch.Tensor, n: int, k: int, rank: int) -> d
     return {
         "block_fp8_gemm_floor": _time_ms(block_floor),
         "row_fp8_gemm_floor": _time_ms(row_floor),
-        "block_quantize_x_eager": _time_ms(lambda: Float8Quantizer(GemmRole.INPUT, BLOCK)(x)),
+        "block_quantize_x": _time_ms(lambda: Float8Quantizer(GemmRole.INPUT, BLOCK)(x)),
         "row_quantize_x": _time_ms(lambda: Float8Quantizer(GemmRole.INPUT, ROW)(x)),
     }
 
@@ -60,6 +63,8 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float | boo
     linear = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float32)
     block_gemm._REFUSED.clear()
     row: dict[str, float | bool] = dict(_floors(x.detach(), grad, n, k, rank))
+    row["floor_fallback"] = bool(block_gemm._REFUSED)
+    block_gemm._REFUSED.clear()  # a shape the floor got refused must not send the layer rows to the fallback unasked
     for ws in (ROW, BLOCK):
         for b_state in ("zero", "residual"):
             layer = FalqonLinear.from_linear(linear, FalqonConfig(rank=rank, weight_scaling=ws, act_scaling=ws))

@@ -68,7 +68,7 @@ class Float8Quantizer:
                 raise ValueError("backend 'te' quantizes with one scale per tensor only")
             x_hp = x_hp if tail is None else torch.cat([x_hp, tail], dim=1)
             return Float8Tensor(*te_backend.quantize(x_hp, self.dtype))
-        if triton_quantize.available(x_hp) and self.granularity != ScaleGranularity.BLOCK:  # no fused 1×128 kernel
+        if triton_quantize.available(x_hp):
             return Float8Tensor(*triton_quantize.quantize_fused(x_hp, self.dtype, self.granularity, col_scale, tail))
         if tail is not None:
             x_hp = torch.cat([x_hp, tail], dim=1)

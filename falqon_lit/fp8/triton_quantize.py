@@ -2,11 +2,11 @@
 
 Eager PyTorch spends more time quantizing an activation than the FP8 GEMM that consumes it (abs → fp32 copy → amax
 → divide → clamp → cast: six passes over memory). Here a tensor-scaled quantization is two passes (amax with an
-atomic max into a device scalar, then a cast that reads the scale on device) and a row-scaled one is a single pass
-(each program owns whole rows). An optional per-column multiplier folds a row weight scale into the gradient
-(see ``functional.melded_grad_input``) inside the same passes, and an optional ``tail`` is quantized as extra
-columns of the same tensor: the melded backward quantizes ``[g | g·B]`` without ever building the concatenation
-(a copy of the whole gradient per layer).
+atomic max into a device scalar, then a cast that reads the scale on device), a row-scaled one is a single pass
+(each program owns whole rows) and so is a 1 × 128 group-scaled one (each program owns 8 groups of a row). An
+optional per-column multiplier folds a row weight scale into the gradient (see ``functional.melded_grad_input``)
+inside the same passes, and an optional ``tail`` is quantized as extra columns of the same tensor: the melded
+backward quantizes ``[g | g·B]`` without ever building the concatenation (a copy of the whole gradient per layer).
 
 The kernels produce the same bytes as ``numerics.quantize_dynamic`` (same fp32 amax, same ``amax / fp8_max``,
 round-to-nearest-even division, saturating cast); the GPU tests check that bit for bit.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from falqon_lit.config import ScaleGranularity
-from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
+from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
+from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max, group_count
 
 try:
     import triton
@@ -97,6 +97,22 @@ if triton is not None:
             tl.store(out_ptr + row * width + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + row, scale)
 
+    @triton.jit
+    def _group_quant_kernel(
+        x_ptr, tail_ptr, col_scale_ptr, out_ptr, scale_ptr, cols, tail_cols, stride, tail_stride, groups, fp8_limit,
+        eps, HAS_COL: tl.constexpr, HAS_TAIL: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr,
+    ):  # fmt: skip
+        """``GROUPS`` consecutive 1 × ``GROUP`` groups of one row: amax, scale and cast in one pass."""
+        row = tl.program_id(0)
+        group_ids = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        offs = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (GROUPS, GROUP) columns
+        x, mask = _load_row(x_ptr, tail_ptr, col_scale_ptr, row, offs, cols, tail_cols, stride, tail_stride,
+                            HAS_COL, HAS_TAIL)  # fmt: skip
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1), eps) / fp8_limit  # (GROUPS,)
+        q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -fp8_limit, fp8_limit)
+        tl.store(out_ptr + row * (cols + tail_cols) + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row * groups + group_ids, scale, mask=group_ids < groups)
+
 
 if triton is not None:
 
@@ -125,7 +141,8 @@ def transpose(x: torch.Tensor) -> torch.Tensor:
 
 
 FUSED_GRANULARITIES = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)
-"""Scale granularities the fused kernels compute (1 × 128 block groups take the eager path)."""
+"""Scale granularities the fused merge kernels handle (block-scaled merges take the eager path); quantization also
+computes 1 × 128 groups (``ScaleGranularity.BLOCK``)."""
 
 
 def quantize_fused(
@@ -146,8 +163,6 @@ def quantize_fused(
         ``(x_fp8 (M, N + T), scale)`` exactly as ``numerics.quantize_dynamic`` of ``torch.cat([x_hp, tail], 1).float()
         * col_scale`` would.
     """
-    if granularity not in FUSED_GRANULARITIES:
-        raise ValueError(f"quantize_fused computes tensor or row scales, got {granularity.value!r}")
     rows, cols = x_hp.shape
     tail_cols = 0 if tail is None else tail.shape[1]
     out = torch.empty(rows, cols + tail_cols, dtype=dtype, device=x_hp.device)
@@ -161,6 +176,16 @@ def quantize_fused(
         _row_quant_kernel[(rows,)](
             x_hp, tail_arg, col, out, scale, cols, tail_cols, x_hp.stride(0), tail_stride, limit, AMAX_EPS,
             has_col, tail is not None, block, num_warps=_warps(block),
+        )  # fmt: skip
+        return out, scale
+    if granularity == ScaleGranularity.BLOCK:
+        groups = group_count(cols + tail_cols)
+        scale = torch.empty(rows, groups, dtype=torch.float32, device=x_hp.device)
+        per_program = 8
+        tail_arg, tail_stride = (x_hp, 0) if tail is None else (tail, tail.stride(0))
+        _group_quant_kernel[(rows, triton.cdiv(groups, per_program))](
+            x_hp, tail_arg, col, out, scale, cols, tail_cols, x_hp.stride(0), tail_stride, groups, limit, AMAX_EPS,
+            has_col, tail is not None, per_program, SCALE_BLOCK, num_warps=4,
         )  # fmt: skip
         return out, scale
     # One allocation for both scalars; cuBLAS wants the scale 16-byte aligned, so amax sits 4 floats later.
