@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             smollm2_path()  # convert the packaged model once, before the shards load it
         log(f"study {study}: {len(runs)} runs in {args.jobs} shards; settings {settings}")
         run_shards(argv, args.jobs, args.out)
-        report(args.out, study)
+        report(args.out, study, [r.name for r in runs])
         return 0
     records = read_records(path)
     pending = pending_runs(runs, records, study, args.retry_failed)
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.shard is None:  # concurrent shards leave the report to one --report-only call after them
-        report(args.out, study)
+        report(args.out, study, [r.name for r in runs])
     return 0
 
 

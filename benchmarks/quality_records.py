@@ -139,10 +139,14 @@ def _with_deltas(row: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, A
     return row
 
 
-def summarize(records: list[dict[str, Any]], study: str) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], study: str, order: list[str] | None = None) -> dict[str, Any]:
     """Per-variant mean ± std over seeds, Δ vs ``bf16-lora`` (main, control, remedy) or vs the ablation base at the
-    same seed."""
+    same seed. Rows follow ``order`` (the plan's run names; names not in it last), not the order in which
+    concurrent shards happened to append their records."""
     ok = [r for r in records if r.get("study") == study and r["status"] == "ok"]
+    if order is not None:
+        rank = {name: i for i, name in enumerate(dict.fromkeys(order))}
+        ok.sort(key=lambda r: rank.get(r["name"], len(rank)))  # stable: unplanned names keep the file order
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in ok:
         by_name[r["name"]].append(r)
@@ -319,13 +323,14 @@ def _plot_heldout(ax: Any, records: list[dict[str, Any]]) -> None:
     ax.legend(fontsize=7)
 
 
-def report(out: Path, study: str) -> dict[str, Any]:
-    """Print the table, write ``quality_summary.json`` and ``quality.png``; returns the summary."""
+def report(out: Path, study: str, order: list[str] | None = None) -> dict[str, Any]:
+    """Print the table, write ``quality_summary.json`` and ``quality.png`` (rows in ``order``, see
+    :func:`summarize`); returns the summary."""
     records = read_records(out / RECORDS)
     if records and not any(r.get("study") == study for r in records):
         study = records[-1]["study"]
         print(f"no records with these settings; reporting the last study in {out / RECORDS} ({study})")
-    summary = summarize(records, study)
+    summary = summarize(records, study, order)
     summary["settings"] = next((r["settings"] for r in records if r.get("study") == study), None)
     print(format_table(summary), flush=True)
     if gaps := format_gap_table(summary):  # last: what a GPU session's log tail shows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_plan_runs_orders_befores_main_by_seed_then_ablations(quality: ModuleTyp
     runs = quality.plan_runs([0, 1, 2], 16, None, True, None)
     order = ["before", "main", "ablation"]
     assert [r.group for r in runs] == sorted((r.group for r in runs), key=order.index)
-    assert [r.name for r in runs if r.group == "before"] == ["before:base", "before:fp8-tensor", "before:fp8-row"]
+    befores = ["before:base", *(f"before:fp8-{s.value}" for s in ScaleGranularity)]  # one per scaling in the study
+    assert [r.name for r in runs if r.group == "before"] == befores
     main = [r for r in runs if r.group == "main"]
     assert [r.seed for r in main] == sorted(r.seed for r in main)  # all of seed 0 first, then 1, then 2
     seed0 = [r.name for r in main if r.seed == 0]
@@ -234,6 +236,20 @@ def test_summarize_mean_std_and_deltas(study_records: ModuleType) -> None:
     ]
     table = study_records.format_table(summary)
     assert "+4.76%" in table and "-2.00pt" in table and "fp8base-lora@0 skipped" in table
+
+
+def test_summarize_rows_follow_the_plan_not_the_file(study_records: ModuleType) -> None:
+    """Concurrent shards append in whatever order they finish: the summary must not depend on it."""
+    names = ["bf16-lora", "falqon-nomerge", "bf16-lora-fa-svd", "falqon-row-keep-sr"]
+    records = [_record(n, s, 2.0 + i / 10, group="control") for s in (0, 1) for i, n in enumerate(names)]
+    plan = ["before:base", *names]
+    for seed in range(4):  # a few shuffled file orders
+        shuffled = records[:]
+        random.Random(seed).shuffle(shuffled)
+        summary = study_records.summarize(shuffled, "s1", plan)
+        assert [row["variant"] for row in summary["control"]] == names
+    unplanned = study_records.summarize([*records, _record("extra", 0, 2.5, group="control")], "s1", names[::-1])
+    assert [row["variant"] for row in unplanned["control"]] == [*names[::-1], "extra"]
 
 
 # --------------------------------------------------------------------------------------------------- smoke run
