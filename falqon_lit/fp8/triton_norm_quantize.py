@@ -21,6 +21,8 @@ from falqon_lit.fp8.quantizer import Float8Tensor
 try:
     import triton
     import triton.language as tl
+
+    from falqon_lit.fp8.triton_quantize import store_row_fp8
 except ImportError:  # CPU-only installs: the eager functions below
     triton = None
 
@@ -66,11 +68,7 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = (w * x_n).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row * cols + offs, y, mask=mask)
-        y32 = y.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y32), axis=0), amax_eps) / fp8_limit
-        q = tl.clamp(tl.math.div_rn(y32, scale), -fp8_limit, fp8_limit)
-        tl.store(q_ptr + row * cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        store_row_fp8(y.to(tl.float32), q_ptr, scale_ptr, row, offs, mask, cols, fp8_limit, amax_eps)
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit

@@ -76,6 +76,16 @@ if triton is not None:
         return x, mask
 
     @triton.jit
+    def store_row_fp8(y32, q_ptr, scale_ptr, row, offs, mask, cols, fp8_limit, amax_eps):
+        """Quantize one whole row held in registers (float32, 0 past ``cols``) with its own scale and store the
+        FP8 bytes at ``q_ptr[row, offs]`` and the scale at ``scale_ptr[row]``: the epilogue of the kernels that
+        produce a GEMM input (``triton_norm_quantize``, ``triton_swiglu_quantize``)."""
+        scale = tl.maximum(tl.max(tl.abs(y32), axis=0), amax_eps) / fp8_limit
+        q = tl.clamp(tl.math.div_rn(y32, scale), -fp8_limit, fp8_limit)
+        tl.store(q_ptr + row * cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
     def _row_quant_kernel(
         x_ptr, tail_ptr, col_scale_ptr, out_ptr, scale_ptr, cols, tail_cols, stride, tail_stride, fp8_limit, eps,
         HAS_COL: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK: tl.constexpr,

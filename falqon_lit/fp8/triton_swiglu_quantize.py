@@ -16,6 +16,8 @@ from falqon_lit.fp8.quantizer import Float8Tensor
 try:
     import triton
     import triton.language as tl
+
+    from falqon_lit.fp8.triton_quantize import store_row_fp8
 except ImportError:  # CPU-only installs: the eager functions below
     triton = None
 
@@ -53,11 +55,7 @@ if triton is not None:
         u = tl.load(u_ptr + row * u_stride + offs, mask=mask, other=0.0).to(tl.float32)
         h = (act * u).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * cols + offs, h, mask=mask)
-        h32 = h.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(h32), axis=0), amax_eps) / fp8_limit
-        q = tl.clamp(tl.math.div_rn(h32, scale), -fp8_limit, fp8_limit)
-        tl.store(q_ptr + row * cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        store_row_fp8(h.to(tl.float32), q_ptr, scale_ptr, row, offs, mask, cols, fp8_limit, amax_eps)
 
     @triton.jit
     def _swiglu_grad_kernel(
