@@ -29,8 +29,9 @@ from .onnx_graph import ONNX_FILE
 from .standin import Precision
 from .verify import Candidate, Sample, Tolerance, VerifyResult, activation_noise, as_exported, compare
 
-NOISE_FACTOR = 1.5
-"""Allowed logit error, in units of the model's own FP8 activation-rounding noise (see ``fp8_tolerance``)."""
+NOISE_FACTOR = 2.0
+"""Allowed logit error, in units of the model's own FP8 activation-rounding noise (see ``fp8_tolerance``): each of
+the two runtimes lies about one noise from the float-activation logits, so they can lie two apart."""
 MIN_AGREEMENT = 0.9
 """Allowed fraction of greedy positions whose argmax agrees with the trainer's."""
 
@@ -42,8 +43,11 @@ def fp8_tolerance(samples: Sequence[Sample], extra: str = "") -> Tolerance:
     (another summation order, another ``exp``) flips the FP8 rounding of single activations, and through the layers
     that moves the logits by up to the size of the activation-quantization noise itself. Measured on SmolLM2-135M:
     a 1e-6 relative perturbation of the embeddings moves the FP8 model's logits by 14 % (max relative), while it
-    moves the float model's by ~1e-6. So the bound is ``NOISE_FACTOR`` × that noise (float activations vs FP8
-    activations on the same weights, measured on the same prompts); broken weights, scales or axes land far outside.
+    moves the float model's by ~1e-6. The noise is measured as float activations vs FP8 activations on the same
+    weights and prompts; the runtime's own FP8 trajectory is another draw about as far from the float one, so by the
+    triangle inequality the two FP8 runs can differ by up to twice the noise (``NOISE_FACTOR``; a 1.5 bound failed
+    the trained SmolLM2 ONNX read-back at 1.63 × noise with every FP8 byte identical and the float64 graph exact).
+    Broken weights, scales or axes land far outside.
     """
     noise = activation_noise(samples)
     return Tolerance(

@@ -59,9 +59,13 @@ def _deep_tiny_llama(seed: int):
     return model
 
 
-def test_vllm_verification_gates_on_exact_arithmetic_not_bf16_noise(tmp_path, byte_tok):
-    # Seed 2: bf16 rounding of embeddings/norms/lm_head moves this model's logits by 1.05e-01, over the noise
-    # bound 1.01e-01 (the bar that rejected byte-exact Gemma2 and SmolLM2 exports); the export itself is exact.
+def test_vllm_verification_gates_on_exact_arithmetic_not_bf16_noise(tmp_path, byte_tok, monkeypatch):
+    # bf16 rounding of embeddings/norms/lm_head moves this model's logits by ~1e-01; a noise bound that such rounding
+    # can exceed (here forced: a tenth of the noise) once rejected byte-exact Gemma2 and SmolLM2 exports. The export
+    # itself is exact, so the exact check gates and the noise-bound one only informs.
+    import falqon_lit.export.readback as readback
+
+    monkeypatch.setattr(readback, "NOISE_FACTOR", 0.1)
     model = _deep_tiny_llama(seed=2)
     report = export_model(model, byte_tok, "vllm", tmp_path / "out", new_tokens=8)
     exact, noise = report.results[:2]
