@@ -26,7 +26,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize_dynamic
-from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer import falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 
 _COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude")
 _SUMMARY = {  # statistic -> how layers are summarised
@@ -45,7 +46,7 @@ _SUMMARY = {  # statistic -> how layers are summarised
 
 
 @torch.no_grad()
-def activation_stats(x_hp: torch.Tensor, layer: FalqonLinear) -> dict[str, torch.Tensor]:
+def activation_stats(x_hp: torch.Tensor, layer: FalqonLayer) -> dict[str, torch.Tensor]:
     """Amax, scale and saturated/underflow counts of one layer input, quantized as the layer's forward does."""
     x_2d = x_hp.detach().reshape(-1, x_hp.shape[-1]).float()  # (M, in)
     x_fp8, scale = quantize_dynamic(x_2d, E4M3, layer.config.act_scaling)
@@ -60,7 +61,7 @@ def activation_stats(x_hp: torch.Tensor, layer: FalqonLinear) -> dict[str, torch
 
 
 @torch.no_grad()
-def weight_stats(layer: FalqonLinear) -> dict[str, float]:
+def weight_stats(layer: FalqonLayer) -> dict[str, float]:
     """Statistics of the layer's FP8 ``W`` rows (``A`` excluded), ``B`` row norms and merge counters."""
     w_fp8 = layer.weight_fp8[: layer.out_features].float()
     w_hp = layer.dequantized_weight()
@@ -118,7 +119,7 @@ class QuantStats(Callback):
             self._handles.append(layer.register_forward_pre_hook(self._make_hook(name)))
 
     def _make_hook(self, name: str):
-        def hook(layer: FalqonLinear, args: tuple[torch.Tensor, ...]) -> None:
+        def hook(layer: FalqonLayer, args: tuple[torch.Tensor, ...]) -> None:
             new = activation_stats(args[0], layer)
             old = self._acts.get(name)
             if old is not None:

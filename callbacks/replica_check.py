@@ -3,9 +3,10 @@
 Under DDP only ``lora_B`` trains; after the gradient all-reduce every rank sees the same ``B``, picks the same top-k
 rows and applies the same merge, so the FP8 buffers stay identical without ever being communicated (docs/design.md §3).
 This callback checks that instead of assuming it: every ``every_n_steps`` optimizer steps (and when fit ends) each
-rank fingerprints ``weight_fp8``, ``weight_scale`` and ``lora_B`` of every ``FalqonLinear`` on its device, the
+rank fingerprints every FALQON layer's ``replicated_tensors()`` on its device (``weight_fp8``, ``weight_scale`` and
+``lora_B`` of a ``FalqonLinear``; ``A`` and a tensor scale of a row-sharded ``ShardedFalqonLinear``), the
 fingerprints are all-gathered (16 bytes per tensor), and a mismatch raises on every rank, naming the first layer that
-differs. Row-sharded layers (``ShardedFalqonLinear``) are checked on their replicated tensors (``A``, tensor scale).
+differs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from falqon_lit.layer import falqon_layers
-from falqon_lit.sharded import ShardedFalqonLinear
 
 _MIX = 0x9E3779B97F4A7C15 - 2**64  # odd 64-bit constant (golden ratio), as a signed int64
 
@@ -95,11 +95,7 @@ class ReplicaConsistencyCheck(Callback):
             return
         names, prints = [], []
         for layer_name, layer in falqon_layers(pl_module).items():
-            if isinstance(layer, ShardedFalqonLinear):
-                tensors = layer.replicated_tensors()
-            else:
-                tensors = {"weight_fp8": layer.weight_fp8, "weight_scale": layer.weight_scale, "lora_B": layer.lora_B}
-            for tensor_name, tensor in tensors.items():
+            for tensor_name, tensor in layer.replicated_tensors().items():
                 names.append((layer_name, tensor_name))
                 prints.append(fingerprint(tensor))
         gathered = trainer.strategy.all_gather(torch.stack(prints))  # (world, n, 2)

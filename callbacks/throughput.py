@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from falqon_lit.convert import ConversionReport
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer_base import FalqonLayer
 
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     # (substring of torch.cuda.get_device_name, dense bf16, dense FP8) TFLOP/s, NVIDIA datasheets without sparsity;
@@ -43,7 +43,7 @@ def flops_per_token(model: nn.Module) -> int:
     """
     total = 0
     for module in model.modules():
-        if isinstance(module, FalqonLinear):
+        if isinstance(module, FalqonLayer):
             d_in, d_out, r = module.in_features, module.out_features, module.rank
             total += 2 * d_in * (d_out + r) + 2 * d_in * d_out + 2 * d_out * r
         elif isinstance(module, nn.Linear):

@@ -32,7 +32,8 @@ from torch import nn
 
 from falqon_lit.config import ScaleGranularity
 from falqon_lit.experts import routed_experts
-from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer import falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 
 from .errors import ExportError
 from .hf_folder import write_tokenizer_and_generation_config
@@ -82,7 +83,7 @@ def _trace(model: nn.Module, path: Path, opset: int) -> None:
 
 
 def _fp8_subgraph(
-    name: str, layer: FalqonLinear, output: str, precision: Precision
+    name: str, layer: FalqonLayer, output: str, precision: Precision
 ) -> tuple[list[TensorProto], list[onnx.NodeProto]]:
     """FP8 initializer + scale → DequantizeLinear (→ Cast) → Transpose: ``output`` ``(in, out)`` in ``precision``."""
     w_fp8 = layer.weight_fp8[: layer.out_features].detach().cpu().contiguous()  # (out, in), the trained bytes
@@ -110,7 +111,7 @@ def _fp8_subgraph(
     return [weight, scale], nodes
 
 
-def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLinear], precision: Precision) -> None:
+def _swap_in_fp8(graph_model: onnx.ModelProto, layers: dict[str, FalqonLayer], precision: Precision) -> None:
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     new_inits, new_nodes = [], []

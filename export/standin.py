@@ -19,7 +19,8 @@ from torch import nn
 
 from falqon_lit.config import SCALE_BLOCK, ScaleGranularity
 from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
-from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer import falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 
 from .embedding_standin import stored_embeddings
 
@@ -87,9 +88,9 @@ def _activation_amax(x: torch.Tensor, scaling: ScaleGranularity) -> torch.Tensor
 
 
 class _DequantLinear(nn.Module):
-    """Export-time stand-in for a ``FalqonLinear``: ``Q(x) @ deq(W)ᵀ + bias`` in float32 or float64."""
+    """Export-time stand-in for a FALQON layer: ``Q(x) @ deq(W)ᵀ + bias`` in float32 or float64."""
 
-    def __init__(self, layer: FalqonLinear, activations: ActivationMode, dtype: torch.dtype) -> None:
+    def __init__(self, layer: FalqonLayer, activations: ActivationMode, dtype: torch.dtype) -> None:
         super().__init__()
         # (in, out): MatMul reads the initializer as is, so it keeps this buffer's name through the exporter.
         # deq(W) is computed in float32 (what DequantizeLinear outputs), then widened exactly.
@@ -160,7 +161,7 @@ def dequantized_view(
     activations: ActivationMode,
     precision: Precision = Precision.FLOAT32,
     table_dtype: torch.dtype | None = None,
-) -> Iterator[dict[str, FalqonLinear]]:
+) -> Iterator[dict[str, FalqonLayer]]:
     """Swap FALQON layers for stand-ins and cast the rest to ``precision``; restore both afterwards (lossless).
 
     In float64, Llama-style RMSNorms and rotary embeddings are swapped too: Hugging Face computes them in float32

@@ -29,7 +29,8 @@ from torch import nn
 from falqon_lit.config import ScaleGranularity
 from falqon_lit.experts import routed_experts, routers
 from falqon_lit.fp8.numerics import compact_block_scale
-from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer import falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 
 from .errors import ExportError
 from .hf_folder import (
@@ -117,9 +118,9 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
             stacklevel=2,
         )
     for group in _fused_siblings(model):
-        kinds = {isinstance(m, FalqonLinear) for _, m in group}
+        kinds = {isinstance(m, FalqonLayer) for _, m in group}
         if len(kinds) > 1:
-            mixed = ", ".join(f"{n} ({'FP8' if isinstance(m, FalqonLinear) else type(m).__name__})" for n, m in group)
+            mixed = ", ".join(f"{n} ({'FP8' if isinstance(m, FalqonLayer) else type(m).__name__})" for n, m in group)
             raise ExportError(
                 f"vLLM fuses {mixed} into one layer, which needs one scheme for all shards; convert all of them "
                 "(or none) with FALQON"
@@ -139,7 +140,7 @@ def plan_vllm_export(model: nn.Module, weight_strategy: WeightStrategy | str = W
     unequal = [
         [n for n, _ in group]
         for group in _fused_siblings(model)
-        if isinstance(group[0][1], FalqonLinear)
+        if isinstance(group[0][1], FalqonLayer)
         and not all(torch.equal(group[0][1].weight_scale, m.weight_scale) for _, m in group[1:])
     ]
     if weight_strategy == WeightStrategy.CHANNEL:

@@ -21,6 +21,7 @@ _EXPORTS = {  # module -> public names, grouped: config, convert, numerics, laye
     "falqon_lit.convert": ("ConversionReport", "convert_model", "dense_state_dict"),
     "falqon_lit.fp8.quantizer": ("Float8Quantizer", "Float8Tensor"),
     "falqon_lit.layer": ("FalqonLinear", "falqon_layers", "flush_all"),
+    "falqon_lit.layer_base": ("FalqonLayer",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_MODULE_OF)

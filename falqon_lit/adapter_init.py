@@ -28,6 +28,7 @@ from torch import nn
 from falqon_lit.config import FalqonConfig, InitMethod
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_weight
 from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer_base import FalqonLayer
 
 _LOWRANK_OVERSAMPLE = 16
 """Extra columns of the randomized SVD that finds the gradient's top directions (Halko et al.)."""
@@ -74,23 +75,23 @@ def orthogonal_random_directions(previous: torch.Tensor, rank: int, generator: t
     return torch.linalg.qr(draw).Q.t().float()  # (rank, in)
 
 
-def refresh_generator(layer: FalqonLinear, refresh_index: int) -> torch.Generator:
+def refresh_generator(layer: FalqonLayer, refresh_index: int) -> torch.Generator:
     """A CPU generator seeded by the layer's salt and the refresh count: a resumed run draws the same directions."""
     return torch.Generator().manual_seed(zlib.crc32(f"{layer.salt}:{refresh_index}".encode()))
 
 
 @torch.no_grad()
-def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
+def set_lora_A(layer: FalqonLayer, lora_A_hp: torch.Tensor) -> None:
     """Replace the ``r`` rows of ``A`` in the melded FP8 weight, requantizing only those rows (both layouts).
 
     Row and block scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows
     beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte.
 
     Raises:
-        TypeError: a layer whose rows are split across ranks.
+        TypeError: a layer that is not a ``FalqonLinear`` (one whose rows are split across ranks).
         ValueError: a wrong shape, or ``B`` not zero (the old ``B·A`` would change meaning; flush first).
     """
-    if not layer.rows_are_local:
+    if not isinstance(layer, FalqonLinear):
         raise TypeError(f"set_lora_A needs a single-device FalqonLinear, got {type(layer).__name__}")
     if tuple(lora_A_hp.shape) != (layer.rank, layer.in_features):
         raise ValueError(f"new A must have shape {(layer.rank, layer.in_features)}, got {tuple(lora_A_hp.shape)}")
@@ -119,7 +120,7 @@ class WeightGradientCapture:
     manager around the forward and backward passes to capture.
     """
 
-    def __init__(self, layers: Mapping[str, FalqonLinear]) -> None:
+    def __init__(self, layers: Mapping[str, FalqonLayer]) -> None:
         self.layers = dict(layers)
         self.grads: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -135,7 +136,7 @@ class WeightGradientCapture:
         self._handles.clear()
 
     def _hook(self, name: str) -> Callable:
-        def hook(layer: FalqonLinear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def hook(layer: FalqonLayer, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
             x_2d = inputs[0].detach().reshape(-1, layer.in_features)  # (M, in)
@@ -156,7 +157,7 @@ class WeightGradientCapture:
         return hook
 
 
-def gradient_directions(layers: Mapping[str, FalqonLinear], grads: Mapping[str, torch.Tensor]) -> dict:
+def gradient_directions(layers: Mapping[str, FalqonLayer], grads: Mapping[str, torch.Tensor]) -> dict:
     """New ``A`` per layer from captured gradients: top-r right singular directions scaled to :func:`a_row_norm`.
 
     Raises:
@@ -177,7 +178,7 @@ def calibrate_gradient_init(
     losses: Iterable[Callable[[], torch.Tensor]],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
-    """Gradient-informed ``A`` for every ``FalqonLinear`` of ``model`` whose config asks for ``init: gradient``.
+    """Gradient-informed ``A`` for every FALQON layer of ``model`` whose config asks for ``init: gradient``.
 
     Args:
         model: the converted model; its ``B`` must be zero (before training).
@@ -188,7 +189,7 @@ def calibrate_gradient_init(
         The number of layers re-initialised. Leaves no gradient on any parameter.
     """
     layers = {
-        n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear) and m.config.init == InitMethod.GRADIENT
+        n: m for n, m in model.named_modules() if isinstance(m, FalqonLayer) and m.config.init == InitMethod.GRADIENT
     }
     if not layers:
         return 0
@@ -203,7 +204,7 @@ def calibrate_gradient_init(
     return len(layers)
 
 
-def refresh_A(layers: Mapping[str, FalqonLinear], directions: Mapping[str, torch.Tensor]) -> int:
+def refresh_A(layers: Mapping[str, FalqonLayer], directions: Mapping[str, torch.Tensor]) -> int:
     """A refresh: flush every layer (merge all of ``B`` with its configured rounding, ``B = 0``), then requantize
     its ``A`` rows to the new directions. The caller resets the optimizer state of ``B`` (its moments were in the
     old ``A``'s coordinates).
@@ -217,7 +218,7 @@ def refresh_A(layers: Mapping[str, FalqonLinear], directions: Mapping[str, torch
     return merged
 
 
-def random_directions(layers: Mapping[str, FalqonLinear], refresh_index: int) -> dict[str, torch.Tensor]:
+def random_directions(layers: Mapping[str, FalqonLayer], refresh_index: int) -> dict[str, torch.Tensor]:
     """New ``A`` per layer at random, orthogonal to its current ``A``, scaled to :func:`a_row_norm`."""
     return {
         name: a_row_norm(layer.config)

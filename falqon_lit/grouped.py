@@ -189,7 +189,7 @@ class ProjectionGroup:
             self._relink()
         self.calls += 1
         backend = resolve_backend(self.config.backend, x.device)
-        residual = tuple(not m._b_is_zero() for m in self.members)
+        residual = tuple(not m.b_is_zero() for m in self.members)
         lora_Bs = [m.lora_B for m in self.members]
         x_fp8 = prequantized_input(x, self.config.act_scaling)
         args = GroupArgs(self.layout, self.config.act_scaling, backend, residual)

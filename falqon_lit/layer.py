@@ -8,14 +8,14 @@ Stored state (buffers, not Parameters, so no optimizer ever sees them):
   scales in row-expanded form (``A``'s rows start a block row of their own, so no block mixes ``W`` and ``A``);
 - ``merge_*`` counters of the row-wise proxy update.
 
-The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is frozen.
+The only trainable tensor is ``lora_B`` ``(out, r)``; the base bias, if any, is frozen. What callers may use of it,
+the row-sharded layer offers as well: both implement ``layer_base.FalqonLayer``.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,11 +25,9 @@ from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, dequantize, group_count, quantize_weight
 from falqon_lit.functional import FalqonLinearFunction, MeldedArgs
+from falqon_lit.layer_base import FalqonLayer
 from falqon_lit.merge_policy import hold_small_rows
-from falqon_lit.proxy import merge_bits, merge_rows, select_rows
-
-# Buffers whose dtype is part of their meaning: `module.to(torch.bfloat16)` must move them, never cast them.
-_DTYPE_FIXED_BUFFERS = ("weight_fp8", "weight_t_fp8", "weight_scale", "merge_magnitude")
+from falqon_lit.proxy import select_rows
 
 
 def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> torch.Tensor:
@@ -51,8 +49,8 @@ def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> tor
     return alpha_scale * s[:rank].sqrt().unsqueeze(1) * vh[:rank]  # (r, in)
 
 
-class FalqonLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear`` running FALQON's melded FP8 forward and backward.
+class FalqonLinear(FalqonLayer):
+    """Drop-in replacement for ``nn.Linear`` running FALQON's melded FP8 forward and backward, all rows on one device.
 
     Args:
         in_features: input width; a multiple of 16.
@@ -67,8 +65,7 @@ class FalqonLinear(nn.Module):
     """
 
     rows_are_local = True
-    """Whether the proxy update's top-k rows come from this layer's own ``B`` alone, so that ``ProxyUpdater`` may
-    choose them for many layers in one batched top-k."""
+    _dtype_fixed_buffers = ("weight_fp8", "weight_t_fp8", "weight_scale", "merge_magnitude")
 
     def __init__(
         self,
@@ -79,7 +76,7 @@ class FalqonLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features, config)
         if in_features % FP8_GEMM_ALIGNMENT or out_features % FP8_GEMM_ALIGNMENT:
             raise ValueError(
                 f"FalqonLinear needs in_features and out_features divisible by {FP8_GEMM_ALIGNMENT} for FP8 GEMMs, "
@@ -89,7 +86,6 @@ class FalqonLinear(nn.Module):
             raise ValueError(
                 f"rank must be < min(in_features, out_features) = {min(in_features, out_features)}, got {config.rank}"
             )
-        self.in_features, self.out_features, self.rank, self.config = in_features, out_features, config.rank, config
         rows = out_features + config.rank
         scale_shape = {
             ScaleGranularity.TENSOR: (1,),
@@ -107,10 +103,7 @@ class FalqonLinear(nn.Module):
         for name in ("merge_rows", "merge_saturated", "merge_lost", "merge_calls"):
             self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("merge_magnitude", torch.zeros((), dtype=torch.float32, device=device))
-        self._b_zero_token: tuple[int, int] | None = None
-        self._mark_b_zero()
-        self.salt = 0
-        """Per-layer seed of stochastic merge rounding (a hash of the module name, set by ``from_linear``)."""
+        self.mark_b_zero()
 
     # ----------------------------------------------------------------------------------------------------- build
     @classmethod
@@ -153,9 +146,10 @@ class FalqonLinear(nn.Module):
             data, scale = quantize_weight(melded, self.config.weight_scaling)
         self.weight_fp8.copy_(data)
         self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
-        self._refresh_transpose()
+        self.refresh_transpose()
 
-    def _refresh_transpose(self) -> None:
+    def refresh_transpose(self) -> None:
+        """Rebuild the stored transpose ``weight_t_fp8`` from ``weight_fp8`` (after its bytes were written whole)."""
         if self.config.transpose_cache:
             self.weight_t_fp8 = self.weight_fp8.t().contiguous()
 
@@ -172,25 +166,24 @@ class FalqonLinear(nn.Module):
             self.weight_fp8,
             self.weight_t_fp8,
             self.weight_scale,
-            MeldedArgs(self.config.act_scaling, backend, residual=not self._b_is_zero()),
+            MeldedArgs(self.config.act_scaling, backend, residual=not self.b_is_zero()),
         )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _mark_b_zero(self) -> None:
-        # Tensor version counters bump on every in-place write (optimizer steps included), so this token says
-        # "B has not been written since it was zeroed" without reading B (no host sync in the step).
-        self._b_zero_token = (self.lora_B.data_ptr(), self.lora_B._version)
-
-    def _recheck_b_zero(self) -> None:
-        # After a move or a load the token is stale; one read of B (outside the step) decides which path runs.
-        self._b_zero_token = None
+    def recheck_b_zero(self) -> None:
+        """One read of ``B`` (outside the step) decides which forward path runs."""
+        self.mark_b_written()
         if self.lora_B.device.type != "meta" and not bool(self.lora_B.detach().any()):
-            self._mark_b_zero()
+            self.mark_b_zero()
 
-    def _b_is_zero(self) -> bool:
-        return self._b_zero_token == (self.lora_B.data_ptr(), self.lora_B._version)
+    def _b_token(self) -> tuple[int, int]:
+        return (self.lora_B.data_ptr(), self.lora_B._version)
 
     # ------------------------------------------------------------------------------------------ dense views
+    def local_lora_B(self) -> torch.Tensor:
+        """``B`` ``(out, r)``, detached."""
+        return self.lora_B.detach()
+
     @property
     def weight_scale_rows(self) -> torch.Tensor:
         """Scales of the ``W`` rows only: ``(1,)`` or ``(out, 1)`` (the vLLM ``weight_scale`` shape)."""
@@ -205,9 +198,9 @@ class FalqonLinear(nn.Module):
         """``deq(W)`` ``(out, in)``, the FP8 backbone weight alone."""
         return dequantize(self.weight_fp8[: self.out_features], self.weight_scale_rows, dtype)
 
-    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective weight ``deq(W) + B A`` ``(out, in)`` that forward applies."""
-        return self.dequantized_weight(dtype) + self.lora_B.detach().to(dtype) @ self.lora_A(dtype)
+    def replicated_tensors(self) -> dict[str, torch.Tensor]:
+        """All of this layer's state: data-parallel replicas hold it whole, so it must be byte-identical."""
+        return {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale, "lora_B": self.lora_B}
 
     # ------------------------------------------------------------------------------------- row-wise proxy update
     @torch.no_grad()
@@ -229,7 +222,7 @@ class FalqonLinear(nn.Module):
         self._merge(rows, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
-            self._mark_b_zero()
+            self.mark_b_zero()
         elif held is None:
             self.lora_B.index_fill_(0, rows, 0.0)
         else:
@@ -251,7 +244,7 @@ class FalqonLinear(nn.Module):
         if rows.numel():
             self._merge(rows, rounding)
         self.lora_B.zero_()
-        self._mark_b_zero()
+        self.mark_b_zero()
         return int(rows.numel())
 
     def _merge(self, rows: torch.Tensor, rounding: Rounding) -> None:
@@ -268,49 +261,19 @@ class FalqonLinear(nn.Module):
             self.merge_lost += stats[1].long()
             self.merge_magnitude += stats[2]
             return
-        row_scaled = self.weight_scale.numel() > 1
-        result = merge_rows(
-            self.weight_fp8.index_select(0, rows),
-            self.weight_scale.index_select(0, rows) if row_scaled else self.weight_scale,
-            self.lora_B.index_select(0, rows),
-            self.lora_A(),
-            self.config.weight_scaling,
-            merge_bits(rows, self.in_features, self.merge_calls, self.salt) if stochastic else None,
-        )
-        # Row scatter into both stored layouts; untouched rows keep every byte.
-        self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))
-        if self.weight_t_fp8 is not None:
+        result = self._merge_eager(rows, rounding)
+        if self.weight_t_fp8 is not None:  # the stored transpose gets the same bytes
             self.weight_t_fp8.view(torch.uint8).index_copy_(1, rows, result.rows_fp8.view(torch.uint8).t())
-        if row_scaled:
-            self.weight_scale.index_copy_(0, rows, result.rows_scale)
-        self.merge_saturated += result.saturated
-        self.merge_lost += result.lost
-        self.merge_magnitude += result.magnitude
 
     # ------------------------------------------------------------------------------------------ module plumbing
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FalqonLinear:
-        # `fn` may cast floating tensors (`.to(bf16)`, `.half()`): FP8 bytes and float32 scales must only move.
-        fixed = {name: self._buffers.pop(name) for name in _DTYPE_FIXED_BUFFERS}
-        super()._apply(fn, recurse)
-        probe = next(iter(fixed.values()))
-        device = fn(torch.empty(0, dtype=torch.uint8, device=probe.device)).device  # non-float: device change only
-        for name, tensor in fixed.items():
-            self._buffers[name] = None if tensor is None else tensor.to(device)
-        self._recheck_b_zero()  # B may be a new tensor now
-        return self
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
-        self._refresh_transpose()
-        self._recheck_b_zero()
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.short_repr()}"
+        self.refresh_transpose()
 
 
-def falqon_layers(model: nn.Module) -> dict[str, FalqonLinear]:
-    """All ``FalqonLinear`` layers of ``model`` by fully qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLinear)}
+def falqon_layers(model: nn.Module) -> dict[str, FalqonLayer]:
+    """All FALQON layers of ``model`` (every ``FalqonLayer``: dense, grouped or row-sharded) by fully qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FalqonLayer)}
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from falqon_lit.convert import ConversionReport, convert_model
 from falqon_lit.fused_block import apply_fused_block, fused_linear_cross_entropy
 from falqon_lit.generation import generate_text
 from falqon_lit.layer import falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 from falqon_lit.optim import OptimConfig, build_optimizer, build_scheduler
 from falqon_lit.prompts import IGNORE_INDEX
 from falqon_lit.sharded import data_parallel_mesh, shard_falqon_model
@@ -183,8 +184,8 @@ class FalqonLitModule(LightningModule):
         self.trainer.save_checkpoint(path, weights_only=False)  # with optimizer state: resumable
         rank_zero_info(f"final checkpoint (after the flush): {path}")
 
-    def falqon_layers(self) -> dict[str, torch.nn.Module]:
-        """The ``FalqonLinear`` layers by name (empty before ``configure_model``)."""
+    def falqon_layers(self) -> dict[str, FalqonLayer]:
+        """The FALQON layers by name (empty before ``configure_model``)."""
         return {} if self.model is None else falqon_layers(self.model)
 
     # ------------------------------------------------------------------------------------------------- steps

@@ -16,25 +16,25 @@ from collections.abc import Sequence
 import torch
 
 from falqon_lit.config import BPolicy
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer_base import FalqonLayer
 from falqon_lit.proxy import select_rows_batched
 
 
 class ProxyUpdater:
-    """Apply ``FalqonLinear.proxy_update(k)`` to many layers, replaying a CUDA graph where possible.
+    """Apply ``FalqonLayer.proxy_update(k)`` to many layers, replaying a CUDA graph where possible.
 
     Args:
         layers: the layers to update (all on one device).
         use_cuda_graph: ``None`` uses graphs when the layers are on CUDA; ``False`` always loops eagerly.
     """
 
-    def __init__(self, layers: Sequence[FalqonLinear], use_cuda_graph: bool | None = None) -> None:
+    def __init__(self, layers: Sequence[FalqonLayer], use_cuda_graph: bool | None = None) -> None:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("ProxyUpdater needs at least one FalqonLinear layer")
         self.use_cuda_graph = use_cuda_graph
-        groups: dict[int, list[FalqonLinear]] = defaultdict(list)  # same out_features: one batched top-k
-        self._alone: list[FalqonLinear] = []  # layers that choose their rows themselves (across ranks)
+        groups: dict[int, list[FalqonLayer]] = defaultdict(list)  # same out_features: one batched top-k
+        self._alone: list[FalqonLayer] = []  # layers that choose their rows themselves (across ranks)
         for layer in self.layers:
             if layer.rows_are_local:
                 groups[layer.out_features].append(layer)
@@ -67,9 +67,9 @@ class ProxyUpdater:
         # Python-side bookkeeping the replay skips: B was zeroed on device without bumping its version counter.
         for layer in self.layers:
             if layer.config.b_policy == BPolicy.ZERO:
-                layer._mark_b_zero()
+                layer.mark_b_zero()
             else:
-                layer._b_zero_token = None
+                layer.mark_b_written()
 
     def _update_all(self, k: int) -> None:
         for group in self._groups:

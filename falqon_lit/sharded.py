@@ -18,8 +18,6 @@ numbers. State lives in plain local tensors; ``state_dict`` wraps the sharded on
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -31,20 +29,20 @@ from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import dequantize
 from falqon_lit.functional import MeldedArgs
 from falqon_lit.layer import FalqonLinear, falqon_layers
-from falqon_lit.proxy import merge_bits, merge_rows, row_scores, top_rows
+from falqon_lit.layer_base import MERGE_COUNTERS, FalqonLayer
+from falqon_lit.proxy import row_scores, top_rows
 from falqon_lit.sharded_functional import ShardedMeldedFunction, all_gather_rows, gather_melded
 
 _LOCAL_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_magnitude")
 """Merge statistics of this rank's rows; saved as a ``(world,)`` vector, summed by :func:`gather_falqon_model`."""
-_FIXED_DTYPE = ("weight_fp8", "weight_scale", "lora_A_fp8", "lora_A_scale", "merge_magnitude")
 
 
 # ------------------------------------------------------------------------------------------------------ layer
-class ShardedFalqonLinear(FalqonLinear):
-    """A ``FalqonLinear`` whose FP8 ``W``, row scales and ``B`` are split by output rows over a 1-D device mesh.
+class ShardedFalqonLinear(FalqonLayer):
+    """A FALQON layer whose FP8 ``W``, row scales and ``B`` are split by output rows over a 1-D device mesh.
 
-    It subclasses ``FalqonLinear`` so that ``falqon_layers`` and the proxy-update callback find it; the dense views
-    (``dequantized_weight``, ``to_dense``, ``weight_scale_rows``) return this rank's rows only.
+    The views of ``FalqonLayer`` (``dequantized_weight``, ``to_dense``, ``weight_scale_rows``) return this rank's
+    rows only.
 
     Args:
         layer: the full layer to split (every rank passes an identical copy).
@@ -55,9 +53,10 @@ class ShardedFalqonLinear(FalqonLinear):
     """
 
     rows_are_local = False  # the top-k runs over every rank's rows (a collective)
+    _dtype_fixed_buffers = ("weight_fp8", "weight_scale", "lora_A_fp8", "lora_A_scale", "merge_magnitude")
 
     def __init__(self, layer: FalqonLinear, mesh: DeviceMesh) -> None:
-        nn.Module.__init__(self)  # not FalqonLinear.__init__: the full-size buffers are never allocated
+        super().__init__(layer.in_features, layer.out_features, layer.config, layer.salt)
         if mesh.ndim != 1:
             raise ValueError(f"ShardedFalqonLinear needs a 1-D device mesh, got {mesh.ndim} dimensions")
         world, shard = mesh.size(), mesh.get_local_rank()
@@ -66,13 +65,7 @@ class ShardedFalqonLinear(FalqonLinear):
                 f"ShardedFalqonLinear splits rows evenly: out_features={layer.out_features} is not divisible by "
                 f"{world} ranks; use a device count that divides it or add the layer to 'ignore'"
             )
-        self.in_features, self.out_features, self.rank, self.config = (
-            layer.in_features,
-            layer.out_features,
-            layer.rank,
-            layer.config,
-        )
-        self.mesh, self.group, self.salt = mesh, mesh.get_group(), layer.salt
+        self.mesh, self.group = mesh, mesh.get_group()
         self.out_local = layer.out_features // world
         self.row_start = shard * self.out_local
         # Shards go to the mesh's device right away (as FSDP2 does): only they ever reach the accelerator.
@@ -93,12 +86,11 @@ class ShardedFalqonLinear(FalqonLinear):
         self.bias = None
         if layer.bias is not None:
             self.bias = nn.Parameter(layer.bias.detach().clone().to(device), requires_grad=False)
-        for name in ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude"):
+        for name in MERGE_COUNTERS:
             # Counters of the full layer's past belong to rank 0, so that gathering sums them back exactly.
             value = getattr(layer, name).clone() if shard == 0 or name == "merge_calls" else getattr(layer, name) * 0
             self.register_buffer(name, value.to(device))
-        self._b_zero_token: tuple[int, int] | None = None
-        self._recheck_b_zero()
+        self.recheck_b_zero()  # B came from the full layer, as after a load
 
     # ------------------------------------------------------------------------------------------ forward
     @torch.compiler.disable  # see FalqonLinear.forward
@@ -113,31 +105,26 @@ class ShardedFalqonLinear(FalqonLinear):
             self.lora_A_fp8,
             self.lora_A_scale,
             self.group,
-            MeldedArgs(self.config.act_scaling, backend, residual=not self._b_is_zero()),
+            MeldedArgs(self.config.act_scaling, backend, residual=not self.b_is_zero()),
         )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def _b_local(self) -> torch.Tensor:
+    def recheck_b_zero(self) -> None:
+        """Assume a residual (exact either way) rather than read ``B``, which would need a collective for the ranks
+        to agree; the next zero-policy merge restores the fast path."""
+        self.mark_b_written()
+
+    def _b_token(self) -> tuple[int, int]:
+        # The DTensor wrapper's version counter bumps on optimizer steps and in-place writes, in lockstep on all
+        # ranks, so every rank picks the same forward path (their collectives must match).
+        return (self.local_lora_B().data_ptr(), self.lora_B._version)
+
+    # ------------------------------------------------------------------------------------- local dense views
+    def local_lora_B(self) -> torch.Tensor:
+        """This rank's rows of ``B`` ``(out / world, r)``."""
         with torch.no_grad():
             return self.lora_B.to_local()
 
-    def _mark_b_zero(self) -> None:
-        # The DTensor wrapper's version counter bumps on optimizer steps and in-place writes, in lockstep on all
-        # ranks, so every rank picks the same forward path (their collectives must match).
-        self._b_zero_token = (self._b_local().data_ptr(), self.lora_B._version)
-
-    def _recheck_b_zero(self) -> None:
-        # After a move or a load: assume a residual (exact either way) rather than read B, which would need a
-        # collective for the ranks to agree. The next zero-policy merge restores the fast path.
-        self._b_zero_token = None
-
-    def _b_is_zero(self) -> bool:
-        return self._b_zero_token == (self._b_local().data_ptr(), self.lora_B._version)
-
-    def _refresh_transpose(self) -> None:
-        pass  # no stored transpose: backward transposes the gathered weight
-
-    # ------------------------------------------------------------------------------------- local dense views
     @property
     def weight_scale_rows(self) -> torch.Tensor:
         """Scales of this rank's ``W`` rows: ``(1,)`` or ``(out / world, 1)``."""
@@ -151,12 +138,8 @@ class ShardedFalqonLinear(FalqonLinear):
         """``deq(W)`` of this rank's rows ``(out / world, in)``."""
         return dequantize(self.weight_fp8, self.weight_scale, dtype)
 
-    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``deq(W) + B A`` of this rank's rows ``(out / world, in)``."""
-        return self.dequantized_weight(dtype) + self._b_local().to(dtype) @ self.lora_A(dtype)
-
     def replicated_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors every rank must hold byte-identical (checked by ``ReplicaConsistencyCheck``)."""
+        """The replicated tensors only: ``A``, its scales, the merge call count and a tensor scale of ``W``."""
         tensors = {"lora_A_fp8": self.lora_A_fp8, "lora_A_scale": self.lora_A_scale, "merge_calls": self.merge_calls}
         if self.weight_scale.numel() == 1:
             tensors["weight_scale"] = self.weight_scale
@@ -164,74 +147,66 @@ class ShardedFalqonLinear(FalqonLinear):
 
     # ------------------------------------------------------------------------------------- proxy update
     @torch.no_grad()
-    def proxy_update(self, k: int) -> torch.Tensor:
+    def proxy_update(self, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Merge the global top-``k`` rows of ``B`` (L1 norm, Alg. 2); each rank merges the ones it owns.
+
+        Args:
+            k: rows to merge.
+            rows: must be ``None``: the rows are chosen over every rank's ``B`` (``rows_are_local`` is false).
 
         Returns:
             This rank's merged rows, as local indices.
         """
         if k <= 0:
             raise ValueError(f"proxy_update needs k > 0, got {k}")
-        scores = all_gather_rows(row_scores(self._b_local()), self.group)  # (out,), every rank the same
+        if rows is not None:
+            raise ValueError("ShardedFalqonLinear chooses its rows over all ranks; call proxy_update(k) without rows")
+        scores = all_gather_rows(row_scores(self.local_lora_B()), self.group)  # (out,), every rank the same
         rows = top_rows(scores, k)
         mine = rows[(rows >= self.row_start) & (rows < self.row_start + self.out_local)] - self.row_start
         self.merge_calls += 1
         self._merge(mine, self.config.merge_rounding)
         if self.config.b_policy == BPolicy.ZERO:
             self.lora_B.zero_()
-            self._mark_b_zero()
+            self.mark_b_zero()
         else:
-            self._b_local().index_fill_(0, mine, 0.0)
-            self._b_zero_token = None
+            self.local_lora_B().index_fill_(0, mine, 0.0)
+            self.mark_b_written()  # a write through the local tensor: the wrapper's version did not move
         return mine
 
     @torch.no_grad()
-    def flush(self) -> int:
+    def flush(self, rounding: Rounding = Rounding.NEAREST) -> int:
         """Merge every non-zero row of ``B`` on every rank and zero ``B`` (a collective: call on all ranks).
+
+        Args:
+            rounding: of the merged rows, drawing the same stochastic bits as ``FalqonLinear.flush``.
 
         Returns:
             Rows merged over all ranks.
         """
-        mine = (self._b_local() != 0).any(dim=1).nonzero().squeeze(1)
-        self._merge(mine, Rounding.NEAREST)
-        self.lora_B.zero_()
-        self._mark_b_zero()
+        mine = (self.local_lora_B() != 0).any(dim=1).nonzero().squeeze(1)
         count = torch.tensor([mine.numel()], device=self.weight_fp8.device)
         dist.all_reduce(count, group=self.group)
         merged = int(count.item())
-        self.merge_calls += int(merged > 0)  # as FalqonLinear.flush: a call only if some rank merged a row
+        # As FalqonLinear.flush: a call only if some rank merges a row, counted before the merge draws its bits.
+        self.merge_calls += int(merged > 0)
+        self._merge(mine, rounding)
+        self.lora_B.zero_()
+        self.mark_b_zero()
         return merged
 
     def _merge(self, rows: torch.Tensor, rounding: Rounding) -> None:
         # Local rows only; merge_calls is counted by the caller (it must match across ranks, rows may not).
         self.merge_rows += rows.numel()
-        if rows.numel() == 0:
-            return
-        row_scaled = self.weight_scale.numel() > 1
-        result = merge_rows(
-            self.weight_fp8.index_select(0, rows),
-            self.weight_scale.index_select(0, rows) if row_scaled else self.weight_scale,
-            self._b_local().index_select(0, rows),
-            self.lora_A(),
-            self.config.weight_scaling,
-            # Global row indices: the same bits as the unsharded layer draws for these rows.
-            merge_bits(rows + self.row_start, self.in_features, self.merge_calls, self.salt)
-            if rounding == Rounding.STOCHASTIC
-            else None,
-        )
-        self.weight_fp8.view(torch.uint8).index_copy_(0, rows, result.rows_fp8.view(torch.uint8))
-        if row_scaled:
-            self.weight_scale.index_copy_(0, rows, result.rows_scale)
-        self.merge_saturated += result.saturated
-        self.merge_lost += result.lost
-        self.merge_magnitude += result.magnitude
+        if rows.numel():
+            self._merge_eager(rows, rounding, self.row_start)
 
     # ------------------------------------------------------------------------------------------ module plumbing
     def _sharded_names(self) -> tuple[str, ...]:
         return ("weight_fp8", *(("weight_scale",) if self.weight_scale.numel() > 1 else ()), *_LOCAL_COUNTERS)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in self._sharded_names():
             local = getattr(self, name)
             local = local.reshape(1) if local.dim() == 0 else local  # a per-rank scalar is a (world,) vector
@@ -251,24 +226,11 @@ class ShardedFalqonLinear(FalqonLinear):
             else:
                 value = value[rows]  # a full (unsharded) tensor: take this rank's rows
             if name == "lora_B":
-                value = DTensor.from_local(value.to(self._b_local().device), self.mesh, [Shard(0)], run_check=False)
+                value = DTensor.from_local(value.to(self.local_lora_B().device), self.mesh, [Shard(0)], run_check=False)
             elif name in _LOCAL_COUNTERS:
                 value = value.reshape(())
             state_dict[key] = value
-        nn.Module._load_from_state_dict(
-            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
-        self._recheck_b_zero()
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ShardedFalqonLinear:
-        # As FalqonLinear._apply: FP8 bytes and float32 scales only move, never cast.
-        fixed = {name: self._buffers.pop(name) for name in _FIXED_DTYPE}
-        nn.Module._apply(self, fn, recurse)
-        device = fn(torch.empty(0, dtype=torch.uint8, device=fixed["weight_fp8"].device)).device
-        for name, tensor in fixed.items():
-            self._buffers[name] = tensor.to(device)
-        self._recheck_b_zero()
-        return self
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def extra_repr(self) -> str:
         return (
@@ -348,8 +310,8 @@ def gather_falqon_model(model: nn.Module) -> list[str]:
             dist.all_reduce(total, group=group)
             getattr(full, counter).copy_(total)
         full.merge_calls.copy_(layer.merge_calls)
-        full._refresh_transpose()
-        full._recheck_b_zero()
+        full.refresh_transpose()
+        full.recheck_b_zero()
         full.train(layer.training)
         model.set_submodule(name, full)
         names.append(name)

@@ -22,7 +22,8 @@ from torch.distributed.tensor import DTensor
 from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck, fingerprint
 from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
 from falqon_lit.fp8.numerics import dequantize
-from falqon_lit.layer import FalqonLinear
+from falqon_lit.layer import FalqonLinear, falqon_layers
+from falqon_lit.layer_base import FalqonLayer
 from falqon_lit.sharded import ShardedFalqonLinear, gather_falqon_model
 
 RUN = Path(__file__).with_name("distributed_run.py")
@@ -204,12 +205,43 @@ def test_sharded_layer_equals_falqon_linear(
     holder.layer = sharded
     gather_falqon_model(holder)
     assert type(holder.layer) is FalqonLinear
-    expected, gathered = full.state_dict(), holder.layer.state_dict()
-    assert expected.keys() == gathered.keys()
+    _assert_same_state(full, holder.layer)
+
+
+def _assert_same_state(full: FalqonLinear, gathered: FalqonLinear) -> None:
+    expected, actual = full.state_dict(), gathered.state_dict()
+    assert expected.keys() == actual.keys()
     for key, value in expected.items():
         value = value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value
-        other = gathered[key].view(torch.uint8) if gathered[key].dtype == torch.float8_e4m3fn else gathered[key]
+        other = actual[key].view(torch.uint8) if actual[key].dtype == torch.float8_e4m3fn else actual[key]
         assert torch.equal(value, other), key
+
+
+def test_sharded_layer_is_a_falqon_layer_not_a_falqon_linear(one_rank_mesh) -> None:
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.dense, full = (FalqonLinear.from_linear(torch.nn.Linear(64, 48), FalqonConfig()) for _ in range(2))
+    holder.sharded = ShardedFalqonLinear(full, one_rank_mesh)
+    assert isinstance(holder.sharded, FalqonLayer) and not isinstance(holder.sharded, FalqonLinear)
+    assert {name: type(layer) for name, layer in falqon_layers(holder).items()} == {
+        "dense": FalqonLinear,
+        "sharded": ShardedFalqonLinear,
+    }
+    with pytest.raises(ValueError, match="chooses its rows over all ranks"):
+        holder.sharded.proxy_update(4, torch.arange(4))
+
+
+def test_sharded_flush_rounds_as_falqon_linear(one_rank_mesh) -> None:
+    torch.manual_seed(0)
+    full = FalqonLinear.from_linear(torch.nn.Linear(64, 48), FalqonConfig(b_policy=BPolicy.KEEP), name="layer")
+    with torch.no_grad():
+        full.lora_B.normal_(std=0.05)
+    sharded = ShardedFalqonLinear(full, one_rank_mesh)
+    assert full.flush(Rounding.STOCHASTIC) == sharded.flush(Rounding.STOCHASTIC) == 48
+    holder = torch.nn.Module()
+    holder.layer = sharded
+    gather_falqon_model(holder)
+    _assert_same_state(full, holder.layer)
 
 
 def test_fingerprint_changes_with_any_byte() -> None:

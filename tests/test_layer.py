@@ -47,7 +47,7 @@ def test_layer_forward_backward_match_float64_reference(device, weight_scaling, 
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
     residual = b_state == "residual"
-    assert layer._b_is_zero() is (not residual)
+    assert layer.b_is_zero() is (not residual)
     # Forward: fp32 accumulation over K=96 exact FP8 products, plus the fp32 residual GEMM: ~1e-6 relative.
     assert _rel(y, reference.forward(layer, x)) < gemm_rtol(device)
     # grad_x: the same E5M2 gradient bytes times the same E4M3 weight bytes, fp32 accumulation.

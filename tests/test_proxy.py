@@ -113,7 +113,7 @@ def test_proxy_update_merges_b_times_a_in_real_units(weight_scaling):
 def test_proxy_update_b_policy_zero_clears_all_of_b(weight_scaling):
     layer = _layer("cpu", weight_scaling, BPolicy.ZERO)
     layer.proxy_update(4)
-    assert torch.count_nonzero(layer.lora_B) == 0 and layer._b_is_zero()
+    assert torch.count_nonzero(layer.lora_B) == 0 and layer.b_is_zero()
 
 
 @pytest.mark.parametrize("weight_scaling", list(ScaleGranularity))
@@ -126,7 +126,7 @@ def test_proxy_update_b_policy_keep_clears_only_merged_rows_and_stays_exact(weig
     others = torch.ones(96, dtype=torch.bool)
     others[rows] = False
     assert torch.equal(layer.lora_B[others], b_before[others])
-    assert not layer._b_is_zero()
+    assert not layer.b_is_zero()
     x = torch.randn(5, 64)
     assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=1e-5, atol=1e-6)
 
@@ -217,6 +217,6 @@ def test_optimizer_step_on_b_turns_the_residual_back_on():
     opt = torch.optim.SGD([layer.lora_B], lr=1.0)
     layer(x).sum().backward()
     opt.step()  # in-place write: B is no longer known to be zero
-    assert not layer._b_is_zero()
+    assert not layer.b_is_zero()
     assert torch.allclose(layer(x).double(), reference.forward(layer, x), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(layer(x), y_zero)
