@@ -1,7 +1,7 @@
 """Block-scale benchmark: the 128 × 128 block-scaled FALQON layer (forward + backward) against its two block-wise
 FP8 GEMMs (the floor) and against the row-scaled layer and its row-wise GEMMs (CUDA only).
 
-Usage: python benchmarks/block_bench.py [--tokens 8192] [--shapes 4096x4096,4096x11008] [--ranks 64] [--json F]
+Usage: python -m benchmarks.block_bench [--tokens 8192] [--shapes 4096x4096,4096x11008] [--ranks 64] [--json F]
 Prints a table and writes JSON (``--json``). Times are medians of CUDA-event-timed repeats after warm-up. The
 ``floor_fallback`` and ``fallback`` columns say whether a floor or a layer GEMM fell back to the float32 dequantized
 path (``torch._scaled_mm`` refused block-wise scaling for that shape): then those rows measure that fallback, not
@@ -11,9 +11,9 @@ FP8 tensor cores.
 from __future__ import annotations
 
 import torch
-from layer_bench import _fwd_bwd, _time_ms, main
 from torch import nn
 
+from benchmarks.harness import fwd_bwd, sweep_shapes, time_ms
 from falqon_lit.config import SCALE_BLOCK, Backend, FalqonConfig, GemmRole, ScaleGranularity
 from falqon_lit.fp8 import block_gemm
 from falqon_lit.fp8.numerics import quantize_weight
@@ -49,10 +49,10 @@ def _floors(x: torch.Tensor, grad: torch.Tensor, n: int, k: int, rank: int) -> d
         torch._scaled_mm(g_row.data, w_row_t[:, :n].t(), scale_a=g_row.scale, scale_b=ones_k, out_dtype=torch.bfloat16)
 
     return {
-        "block_fp8_gemm_floor": _time_ms(block_floor),
-        "row_fp8_gemm_floor": _time_ms(row_floor),
-        "block_quantize_x": _time_ms(lambda: Float8Quantizer(GemmRole.INPUT, BLOCK)(x)),
-        "row_quantize_x": _time_ms(lambda: Float8Quantizer(GemmRole.INPUT, ROW)(x)),
+        "block_fp8_gemm_floor": time_ms(block_floor),
+        "row_fp8_gemm_floor": time_ms(row_floor),
+        "block_quantize_x": time_ms(lambda: Float8Quantizer(GemmRole.INPUT, BLOCK)(x)),
+        "row_quantize_x": time_ms(lambda: Float8Quantizer(GemmRole.INPUT, ROW)(x)),
     }
 
 
@@ -72,7 +72,7 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float | boo
             if b_state == "residual":
                 with torch.no_grad():
                     layer.lora_B.normal_(0, 1e-3)
-            row[f"falqon_w{ws.value}_B{b_state}"] = _time_ms(_fwd_bwd(layer, x, grad))
+            row[f"falqon_w{ws.value}_B{b_state}"] = time_ms(fwd_bwd(layer, x, grad))
     row["fallback"] = bool(block_gemm._REFUSED)
     if block_gemm._REFUSED:
         print(f"block-wise kernel refused {sorted(block_gemm._REFUSED)}: those GEMMs ran the float32 fallback")
@@ -80,4 +80,4 @@ def bench_shape(tokens: int, k: int, n: int, rank: int) -> dict[str, float | boo
 
 
 if __name__ == "__main__":
-    main(bench_shape, "block_fp8_gemm_floor", __doc__)
+    sweep_shapes(__doc__, bench_shape, "block_fp8_gemm_floor")

@@ -1,7 +1,7 @@
 """Quickstart-shaped FALQON train step on the CPU with 1 vs 2 torch threads, alternating (README, "Set up and run").
 
 SmolLM2-135M-Instruct (embedded), random ``A`` init, batch 4 x 96 tokens, AdamW on ``B``; prints seconds per step and
-the load average before each measurement. Run on the machine in question: ``python benchmarks/cpu_threads.py``.
+the load average before each measurement. Run on the machine in question: ``python -m benchmarks.cpu_threads``.
 """
 
 from __future__ import annotations

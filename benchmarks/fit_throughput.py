@@ -1,6 +1,6 @@
 """The real fit path's throughput (one GPU): packed vs unpacked chit-chat, compile pay-back, and the fixed-shape bound.
 
-Usage: python benchmarks/fit_throughput.py --out fit-out [--steps 12] [--window 4] [--parts llama,compile,smollm2,bench]
+Usage: python -m benchmarks.fit_throughput --out fit-out [--steps 12] [--window 4] [--parts llama,compile,smollm2,bench]
 (about 4-5 minutes on one H200 with the default parts, most of it model builds, tokenization and compilation)
 
 Parts (each config in its own process; inside it the model is built and the data tokenized once, then each mode
@@ -27,6 +27,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.harness import write_json
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"llama": "configs/llama-7b-shape.yaml", "smollm2": "configs/smollm2-chat.yaml"}
@@ -107,8 +109,8 @@ def run_modes(
 
 def _child(part: str, args: argparse.Namespace, out: Path) -> list[dict]:
     """Run one part in a fresh process (its output goes to ``<out>/<part>.log``); a failure becomes a row."""
-    cmd = [sys.executable, __file__, "--child", part, "--steps", str(args.steps), "--window", str(args.window)]
-    cmd += ["--cli-args", args.cli_args]
+    cmd = [sys.executable, "-m", "benchmarks.fit_throughput", "--child", part]
+    cmd += ["--steps", str(args.steps), "--window", str(args.window), "--cli-args", args.cli_args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -123,7 +125,7 @@ def _child(part: str, args: argparse.Namespace, out: Path) -> list[dict]:
 
 def _bench(out: Path, args: argparse.Namespace) -> list[dict]:
     path = out / "bench.json"
-    cmd = [sys.executable, str(HERE / "train_step_bench.py"), "--variants", "falqon-default", "--ckpt", "on"]
+    cmd = [sys.executable, "-m", "benchmarks.train_step_bench", "--variants", "falqon-default", "--ckpt", "on"]
     cmd += ["--batch", "8", "--seq", "1024", "--rank", "16", "--json", str(path), "--timeout", str(args.timeout)]
     subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60)
     return json.loads(path.read_text()) if path.exists() else [{"variant": "falqon-default", "error": "no result"}]
@@ -197,10 +199,10 @@ def main() -> None:
     rows: list[dict] = []
     for child in children:
         rows += _child(child, args, out)
-        (out / "fits.json").write_text(json.dumps(rows, indent=1))
+        write_json(out / "fits.json", rows)
     bench = _bench(out, args) if "bench" in parts else []
     summary = _print_table(rows, bench)
-    (out / "summary.json").write_text(json.dumps({"fits": rows, "bench": bench, "summary": summary}, indent=1))
+    write_json(out / "summary.json", {"fits": rows, "bench": bench, "summary": summary})
 
 
 if __name__ == "__main__":

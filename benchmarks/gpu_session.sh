@@ -56,7 +56,7 @@ controls() {
   mkdir -p /tmp/quality-controls
   # $QUALITY_RECORDS: an earlier call's quality.jsonl; its finished runs are skipped, the rest resume.
   [ -n "${QUALITY_RECORDS:-}" ] && [ ! -e /tmp/quality-controls/quality.jsonl ] && cp "$QUALITY_RECORDS" /tmp/quality-controls/
-  OMP_NUM_THREADS=2 timeout 560 python3 benchmarks/quality.py --study controls --jobs "${QUALITY_JOBS:-8}" \
+  OMP_NUM_THREADS=2 timeout 560 python3 -m benchmarks.quality --study controls --jobs "${QUALITY_JOBS:-8}" \
     --out /tmp/quality-controls --time-budget "${QUALITY_BUDGET:-420}" ${QUALITY_ARGS:-} > "$out/quality_controls.log" 2>&1 &
   controls_pid=$!
 }
@@ -69,22 +69,22 @@ controls_wait() {
 }
 
 fitspeed() {
-  timeout 560 python3 benchmarks/fit_throughput.py --out /tmp/fit-throughput ${FIT_ARGS:-} 2>&1 \
+  timeout 560 python3 -m benchmarks.fit_throughput --out /tmp/fit-throughput ${FIT_ARGS:-} 2>&1 \
     | tee "$out/fit_throughput.log" | tail -25
   cp /tmp/fit-throughput/*.json "$out/" 2>/dev/null
 }
 
 refresh() {
-  timeout 120 python3 benchmarks/profile_refresh.py --json "$out/refresh.json" 2>&1 | tail -8
+  timeout 120 python3 -m benchmarks.profile_refresh --json "$out/refresh.json" 2>&1 | tail -8
 }
 
 blocks() {
-  timeout 200 python3 benchmarks/block_bench.py --json "$out/block_bench.json" ${BLOCK_ARGS:-} 2>&1 \
+  timeout 200 python3 -m benchmarks.block_bench --json "$out/block_bench.json" ${BLOCK_ARGS:-} 2>&1 \
     | tee "$out/block_bench.log" | tail -20
 }
 
 layers() {
-  timeout 300 python3 benchmarks/layer_bench.py --json "$out/layer.json" ${LAYER_ARGS:-} 2>&1 | tee "$out/layer.log" \
+  timeout 300 python3 -m benchmarks.layer_bench --json "$out/layer.json" ${LAYER_ARGS:-} 2>&1 | tee "$out/layer.log" \
     | tail -30
 }
 
@@ -103,7 +103,7 @@ fit() {
 }
 
 serve() {
-  timeout 570 python3 benchmarks/serve_check.py --out "$out" ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_check.log" | tail -30
+  timeout 570 python3 -m benchmarks.serve_check --out "$out" ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_check.log" | tail -30
 }
 
 quality() {
@@ -115,34 +115,34 @@ quality() {
     cp "$QUALITY_RECORDS" /tmp/quality/quality.jsonl
   fi
   for ((i = 0; i < jobs; i++)); do
-    OMP_NUM_THREADS=4 timeout 560 python3 benchmarks/quality.py --out /tmp/quality --shard "$i/$jobs" \
+    OMP_NUM_THREADS=4 timeout 560 python3 -m benchmarks.quality --out /tmp/quality --shard "$i/$jobs" \
       --time-budget "${QUALITY_BUDGET:-480}" ${QUALITY_ARGS:-} > "/tmp/quality/shard_$i.log" 2>&1 &
   done
   wait
   for ((i = 0; i < jobs; i++)); do grep -E "^\[" "/tmp/quality/shard_$i.log" | sed "s/^/[shard $i] /"; done \
     > "$out/quality_shards.log"
   tail -n 40 /tmp/quality/shard_*.log | grep -iE "error|traceback" | head -5
-  python3 benchmarks/quality.py --out /tmp/quality --report-only ${QUALITY_ARGS:-} 2>&1 | tee "$out/quality.log" | tail -40
+  python3 -m benchmarks.quality --out /tmp/quality --report-only ${QUALITY_ARGS:-} 2>&1 | tee "$out/quality.log" | tail -40
   cp /tmp/quality/quality.jsonl /tmp/quality/quality_summary.json /tmp/quality/quality.png "$out/" 2>/dev/null
 }
 
 proxy() {
   local rounding
   for rounding in nearest stochastic; do
-    timeout 200 python3 benchmarks/profile_proxy.py --rounding $rounding 2>&1 | tee "$out/proxy_$rounding.log" | head -20
+    timeout 200 python3 -m benchmarks.profile_proxy --rounding $rounding 2>&1 | tee "$out/proxy_$rounding.log" | head -20
   done
 }
 
 steps() {
   local variant
   for variant in ${STEP_VARIANTS:-falqon-tensor falqon-default peft-bf16}; do
-    timeout 180 python3 benchmarks/profile_step.py --variant $variant 2>&1 | tee "$out/profile_step_$variant.log" \
+    timeout 180 python3 -m benchmarks.profile_step --variant $variant 2>&1 | tee "$out/profile_step_$variant.log" \
       | grep -v -i warn | head -14
   done
 }
 
 peers() {
-  timeout 570 python3 benchmarks/train_step_bench.py --json "$out/train_step.json" ${PEERS_ARGS:-} \
+  timeout 570 python3 -m benchmarks.train_step_bench --json "$out/train_step.json" ${PEERS_ARGS:-} \
     2>&1 | tee "$out/train_step.log" | tail -25
 }
 

@@ -1,6 +1,6 @@
 """Host (Python + launch) time of the pieces of a FALQON layer step, on tiny CUDA shapes where the GPU never lags.
 
-Usage: python benchmarks/host_overhead.py
+Usage: python -m benchmarks.host_overhead
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Write the packaged SmolLM2-135M-Instruct as offline stand-ins for published FP8 releases (with its tokenizer), to
 fine-tune with ``falqon fit --model.model FOLDER`` and serve back (the GPU session's import → fit → export check).
 
-Usage: python benchmarks/make_fp8_checkpoints.py --out gpu-out/fp8-sources [--schemes ct-channel,ct-block,...]
+Usage: python -m benchmarks.make_fp8_checkpoints --out gpu-out/fp8-sources [--schemes ct-channel,ct-block,...]
 Schemes: ``ct-tensor``, ``ct-channel``, ``ct-block`` (compressed-tensors' own compressors) and ``fp8-block`` (native
 ``fp8`` with ``weight_block_size: [128, 128]``); the folders are ``OUT/smollm2-<scheme>``.
 """
@@ -9,15 +9,12 @@ Schemes: ``ct-tensor``, ``ct-channel``, ``ct-block`` (compressed-tensors' own co
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fp8_checkpoints import SCHEMES, write_fp8_checkpoint  # the tests' asset writer: one definition
-
 from falqon_lit.assets import load_smollm2
+from tests.fp8_checkpoints import SCHEMES, write_fp8_checkpoint  # the tests' asset writer: one definition
 
 
 def main() -> None:

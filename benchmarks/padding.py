@@ -1,6 +1,6 @@
 """Padding fraction of the chit-chat training batches per batching mode (CPU, no model): what packing saves.
 
-Usage: python benchmarks/padding.py [--json padding.json]
+Usage: python -m benchmarks.padding [--json padding.json]
 Rows: the shapes of configs/llama-7b-shape.yaml, configs/smollm2-chat.yaml and configs/quickstart.yaml (rows x
 max_length), each as random batches, length-grouped batches, length-grouped batches bucketed to multiples of 64,
 and packed rows; ``shapes`` counts the distinct batch shapes of one epoch (each a recompile of a compiled step).
@@ -9,8 +9,8 @@ and packed rows; ``shapes`` counts the distinct batch shapes of one epoch (each 
 from __future__ import annotations
 
 import argparse
-import json
 
+from benchmarks.harness import write_json
 from falqon_lit.backbone import load_tokenizer, resolve_backbone
 from falqon_lit.data import InstructionDataModule
 
@@ -62,8 +62,7 @@ def main() -> None:
                 f"{100 * r['padding_fraction']:7.1f}% {r['shapes']:7d}"
             )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

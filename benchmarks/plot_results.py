@@ -1,7 +1,7 @@
 """Bar charts of recorded benchmark JSON (train-step and layer) for RESULTS.md and the README.
 
-Usage: python benchmarks/plot_results.py benchmarks/results/train_step.json benchmarks/results/layer.json
-       python benchmarks/plot_results.py benchmarks/results/train_step_compile.json \
+Usage: python -m benchmarks.plot_results benchmarks/results/train_step.json benchmarks/results/layer.json
+       python -m benchmarks.plot_results benchmarks/results/train_step_compile.json \
            --train-step-png train_step_compile.png   # a train-step chart alone, under another name
 """
 

@@ -1,6 +1,6 @@
 """Profile one FALQON layer forward+backward on CUDA: GPU time per kernel and CPU time per step.
 
-Usage: python benchmarks/profile_layer.py [--tokens 8192] [--shape 4096x4096] [--rank 64] [--scaling tensor]
+Usage: python -m benchmarks.profile_layer [--tokens 8192] [--shape 4096x4096] [--rank 64] [--scaling tensor]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Profile the whole-model row-wise proxy update of a LLaMA-7B-shaped set of FALQON layers (CUDA).
 
-Usage: python benchmarks/profile_proxy.py [--layers 32] [--rank 64] [--scaling row] [--rounding stochastic]
+Usage: python -m benchmarks.profile_proxy [--layers 32] [--rank 64] [--scaling row] [--rounding stochastic]
 """
 
 from __future__ import annotations

@@ -5,19 +5,19 @@ one step (captured by hooks), a randomized SVD per layer, the flush of ``B`` and
 rows. Here ``g`` and ``x`` are random bf16 tensors of ``--tokens`` rows (the GEMM cost does not depend on values);
 each layer's gradient is freed after its SVD (training holds all of them for one step: 4 bytes per weight).
 
-Usage: python benchmarks/profile_refresh.py [--layers 32] [--rank 64] [--tokens 8192] [--step-ms 455.9] [--every 250]
+Usage: python -m benchmarks.profile_refresh [--layers 32] [--rank 64] [--tokens 8192] [--step-ms 455.9] [--every 250]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks.harness import write_json
 from falqon_lit.adapter_init import a_row_norm, random_directions, set_lora_A, top_right_directions
 from falqon_lit.config import FalqonConfig
 from falqon_lit.layer import FalqonLinear
@@ -90,8 +90,7 @@ def main() -> None:
         print(f"{name:>16s}: {value:.1f}" if isinstance(value, float) else f"{name:>16s}: {value}")
     print(f"one refresh = {total:.0f} ms = {results['amortized_pct']:.2f}% of {args.every} steps of {args.step_ms} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

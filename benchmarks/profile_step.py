@@ -1,6 +1,6 @@
 """Profile one training step of the LLaMA-7B-shaped model (CUDA): GPU time by kernel family, then the top kernels.
 
-Usage: python benchmarks/profile_step.py [--variant falqon-default] [--ckpt 0] [--layers 32]
+Usage: python -m benchmarks.profile_step [--variant falqon-default] [--ckpt 0] [--layers 32]
 Variants and settings as in ``train_step_bench.py``; run it for a peer too (``--variant peft-bf16``) to see where
 the two steps differ.
 """
@@ -12,8 +12,8 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from train_step_bench import VARIANTS, build_step
 
+from benchmarks.train_step_bench import VARIANTS, build_step
 from falqon_lit.kernel_profile import kernel_table
 
 

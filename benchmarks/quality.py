@@ -33,12 +33,12 @@ merge threshold) or ``long`` (issue 18: the paper's horizon and hyper-parameters
 held-out loss (mean ± sd over seeds) and its gap to bf16 LoRA.
 
 Usage:
-    QUALITY_JOBS=10 python benchmarks/quality.py --study controls --out DIR --time-budget 400  # issue 18, one GPU
-    python benchmarks/quality.py --study long --lr 2e-4 --seeds 0 --jobs 4 --out DIR
-    python benchmarks/quality.py --out DIR --time-budget 480      # again with the same DIR (JSONL) to continue
-    python benchmarks/quality.py --out DIR --shard 0/4 & ... --shard 3/4 & wait   # 4 processes, one GPU
-    python benchmarks/quality.py --out DIR --report-only          # table, quality.png, quality_summary.json
-    python benchmarks/quality.py --smoke --out /tmp/q             # tiny random Llama, 2 steps, CPU
+    QUALITY_JOBS=10 python -m benchmarks.quality --study controls --out DIR --time-budget 400  # issue 18, one GPU
+    python -m benchmarks.quality --study long --lr 2e-4 --seeds 0 --jobs 4 --out DIR
+    python -m benchmarks.quality --out DIR --time-budget 480      # again with the same DIR (JSONL) to continue
+    python -m benchmarks.quality --out DIR --shard 0/4 & ... --shard 3/4 & wait   # 4 processes, one GPU
+    python -m benchmarks.quality --out DIR --report-only          # table, quality.png, quality_summary.json
+    python -m benchmarks.quality --smoke --out /tmp/q             # tiny random Llama, 2 steps, CPU
 """
 
 from __future__ import annotations
@@ -61,11 +61,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from quality_records import (
+from torch import nn
+
+from benchmarks import peers
+from benchmarks.quality_records import (
     RECORDS,
     append_record,
     estimate_seconds,
@@ -76,9 +79,7 @@ from quality_records import (
     shard_of,
     study_key,
 )
-from quality_runs import QLORA, STUDIES, TARGETS, Run, plan_controls, plan_long, plan_runs
-from torch import nn
-
+from benchmarks.quality_runs import QLORA, STUDIES, TARGETS, Run, plan_controls, plan_long, plan_runs
 from falqon_lit.adapter_init import calibrate_gradient_init
 from falqon_lit.assets import load_smollm2, smollm2_path
 from falqon_lit.batching import LengthGroupedBatchSampler, collate
@@ -183,16 +184,6 @@ class SkipRun(Exception):
     """A variant that cannot be built here (a missing optional package): recorded as skipped."""
 
 
-def _peers() -> ModuleType:
-    """``benchmarks/peers.py``, the LoRA peers (``benchmarks/`` is not a package; tests import this file by path)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import peers
-
-    return peers
-
-
 def build_peer(model: nn.Module, name: str, rank: int, alpha: float) -> nn.Module:
     """``peers.build_peer`` with the study's targets (``alpha = rank`` outside ``--study long``: scale
     ``alpha / r = 1``, as FALQON's ``x (W + B A)ᵀ``).
@@ -200,7 +191,6 @@ def build_peer(model: nn.Module, name: str, rank: int, alpha: float) -> nn.Modul
     Raises:
         SkipRun: the peer's package (or device) is missing here.
     """
-    peers = _peers()
     try:
         return peers.build_peer(model, name, rank, alpha, list(TARGETS))
     except peers.PeerUnavailableError as err:
@@ -209,9 +199,7 @@ def build_peer(model: nn.Module, name: str, rank: int, alpha: float) -> nn.Modul
 
 def step_context(run: Run) -> Callable[[], AbstractContextManager]:
     """Factory of the context a training step's forward and backward run under (a peer's own FP8 autocast)."""
-    return (
-        functools.partial(_peers().peer_autocast, PEER_BACKENDS[run.kind]) if run.kind in PEER_BACKENDS else nullcontext
-    )
+    return functools.partial(peers.peer_autocast, PEER_BACKENDS[run.kind]) if run.kind in PEER_BACKENDS else nullcontext
 
 
 class ModelFactory:
@@ -633,13 +621,14 @@ def plan_study(args: argparse.Namespace, settings: dict[str, Any]) -> list[Run]:
 
 
 def run_shards(argv: list[str], jobs: int, out: Path) -> None:
-    """Run this script as ``jobs`` concurrent ``--shard I/N`` processes (logs: ``<out>/shard_I.log``) and wait."""
-    script, children = str(Path(__file__).resolve()), []
+    """Run this study as ``jobs`` concurrent ``--shard I/N`` processes (logs: ``<out>/shard_I.log``) and wait; they
+    start from this process's working directory, the repository root, as ``python -m benchmarks.quality``."""
+    children = []
     # One host thread each (the step is Python dispatch); expandable segments: less fragmentation in a shared GPU.
     env = {"OMP_NUM_THREADS": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ}
     env["PYTHONUNBUFFERED"] = "1"
     for index in range(jobs):
-        command = [sys.executable, script, *argv, "--jobs", "1", "--shard", f"{index}/{jobs}"]
+        command = [sys.executable, "-m", "benchmarks.quality", *argv, "--jobs", "1", "--shard", f"{index}/{jobs}"]
         with (out / f"shard_{index}.log").open("w") as log_file:
             children.append(subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env))
     for index, child in enumerate(children):

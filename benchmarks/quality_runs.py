@@ -20,8 +20,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from quality_records import BF16_LORA
-
+from benchmarks.quality_records import BF16_LORA
 from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,6 +1,6 @@
 """Recompiles of ``--model.compile`` decoder blocks over real chit-chat batches, per batching mode (CPU or GPU).
 
-Usage: python benchmarks/recompiles.py [--steps 40] [--max-length 1024] [--batch 8] [--backend eager] [--json out.json]
+Usage: python -m benchmarks.recompiles [--steps 40] [--max-length 1024] [--batch 8] [--backend eager] [--json out.json]
 A small random Llama (FP8-aligned, SmolLM2 vocabulary) has its blocks compiled as ``FalqonLitModule`` does
 (``compile_blocks``) and runs forward and backward over the first ``--steps`` training batches of each mode.
 Compilations are the graphs ``torch._dynamo`` compiled (its ``unique_graphs`` counter); dynamo decides recompiles
@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from benchmarks.harness import write_json
 from falqon_lit.backbone import load_tokenizer, resolve_backbone
 from falqon_lit.data import InstructionDataModule
 
@@ -81,8 +82,7 @@ def main() -> None:
     for r in results:
         print(f"{r['mode']:18s} {r['automatic_dynamic']!s:>8s} {r['shapes']:7d} {r['graphs_compiled']:16d}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

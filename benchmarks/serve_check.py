@@ -10,7 +10,7 @@ Two parts, each in its own process with its own time limit (clean GPU memory; a 
   (``hf``) under /tmp; vLLM load time, weights memory and decode throughput of each, each load in its own process.
 
 Usage (GPU host, repo root, staged vLLM installed):
-    python benchmarks/serve_check.py [--part smollm2|7b] [--out DIR] [--steps 300] [--ckpt PATH]
+    python -m benchmarks.serve_check [--part smollm2|7b] [--out DIR] [--steps 300] [--ckpt PATH]
 Writes DIR/serve_<part>.json (``serve_smollm2.json``, ``serve_7b.json``: the current files' names in
 ``benchmarks/results/``) plus logs and prints a table last. Exit status 1 if any check failed or a part did not
 finish (everything measured is still written), 0 otherwise.
@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from serving.compare import Check, passed
-from serving.llama7b import measure_load, run_7b
-from serving.procs import RESULT, VERDICTS, Recorder, log_tail, run_logged, say, set_vllm_env
-from serving.smollm2 import run_smollm2
+
+from benchmarks.serving.compare import Check, passed
+from benchmarks.serving.llama7b import measure_load, run_7b
+from benchmarks.serving.procs import ENTRY, RESULT, VERDICTS, Recorder, log_tail, run_logged, say, set_vllm_env
+from benchmarks.serving.smollm2 import run_smollm2
 
 
 def versions() -> dict[str, str]:
@@ -93,7 +94,7 @@ def run_part(part: str, timeout: float, args: argparse.Namespace) -> dict[str, A
     """Run one part in its own process group with a hard time limit; returns its results (partial when cut)."""
     path = args.out / f"{part}.json"
     path.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", part, "--deadline", str(time.time() + timeout - 5)]
+    cmd = [sys.executable, "-m", ENTRY, "--child", part, "--deadline", str(time.time() + timeout - 5)]
     cmd += ["--out", str(args.out), "--steps", str(args.steps), "--recipe", args.recipe, "--limit", str(args.limit)]
     cmd += ["--ckpt", str(args.ckpt)] if args.ckpt else []
     cmd += ["--7b-eager"] if args.eager_7b else []

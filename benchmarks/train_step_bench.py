@@ -11,10 +11,10 @@ with Liger Kernel installed its rotary, final RMSNorm and fused linear cross-ent
 the per-layer path with the eager block (the earlier sessions' runs).
 
 Usage:
-    python benchmarks/train_step_bench.py --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
-    python benchmarks/train_step_bench.py --layers 4   # a quick, smaller run of every variant
-    python benchmarks/train_step_bench.py --variants falqon-default,peft-bf16 --compile off,on  # torch.compile
-    python benchmarks/train_step_bench.py --rows falqon-fused@off,peft-bf16-liger+compile@off,qlora-nf4@on
+    python -m benchmarks.train_step_bench --variants falqon-tensor,peft-bf16,qlora-nf4 --ckpt on,off --json out.json
+    python -m benchmarks.train_step_bench --layers 4   # a quick, smaller run of every variant
+    python -m benchmarks.train_step_bench --variants falqon-default,peft-bf16 --compile off,on  # torch.compile
+    python -m benchmarks.train_step_bench --rows falqon-fused@off,peft-bf16-liger+compile@off,qlora-nf4@on
         # explicit rows: variant[+compile]@ckpt, instead of the variants x ckpt x compile grid
 """
 
@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peers import PEERS, PeerUnavailableError, build_peer, check_available, peer_autocast
+from benchmarks.harness import write_json
+from benchmarks.peers import PEERS, PeerUnavailableError, build_peer, check_available, peer_autocast
 
 LLAMA_7B = {
     "hidden_size": 4096,
@@ -205,7 +206,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def _run_child(args: argparse.Namespace, variant: str, ckpt: bool, compiled: bool) -> dict:
     """Run one variant in a fresh process; a failure, a timeout or a skip becomes a row, never an exception."""
-    cmd = [sys.executable, __file__, "--variant", variant, "--child-ckpt", str(int(ckpt))]
+    cmd = [sys.executable, "-m", "benchmarks.train_step_bench", "--variant", variant, "--child-ckpt", str(int(ckpt))]
     cmd += ["--child-compile", str(int(compiled))]
     cmd += ["--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--rank", str(args.rank), "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -289,8 +290,7 @@ def main() -> None:
         results.append(_run_child(args, variant, ckpt, compiled))
         print(json.dumps(results[-1]), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+            write_json(args.json, results)
     _print_table(results)
 
 

@@ -14,20 +14,11 @@ import torch
 from tiny_models import TINY_VOCAB, tiny_llama
 from transformers import LlamaForCausalLM
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmarks import peers
+
+REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PACKAGES = {"torchao-fp8-lora": "torchao", "te-fp8-lora": "transformer_engine", "qlora-nf4": "bitsandbytes"}
-
-
-def _load_peers():
-    spec = importlib.util.spec_from_file_location("peers", BENCHMARKS / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load_peers()
 
 
 def _tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -94,8 +85,9 @@ def test_train_step_bench_missing_package_is_a_skipped_row(tmp_path: Path) -> No
     if not missing:
         pytest.skip("every peer package is installed here")
     out = tmp_path / "out.json"
-    cmd = [sys.executable, str(BENCHMARKS / "train_step_bench.py"), "--variants", ",".join(missing)]
-    proc = subprocess.run([*cmd, "--ckpt", "on", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "benchmarks.train_step_bench", "--variants", ",".join(missing)]
+    cmd += ["--ckpt", "on", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)  # run from the repo root
 
     assert proc.returncode == 0, proc.stderr
     expected = [{"variant": n, "grad_ckpt": True, "skipped": f"skipped: {p} not installed"} for n, p in missing.items()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import random
@@ -17,38 +17,25 @@ import torch
 from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.layer import falqon_layers
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-_RECORDS = _SCRIPT.with_name("quality_records.py")
-_RUNS = _SCRIPT.with_name("quality_runs.py")
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    """A benchmark script imported by path (``benchmarks/`` is not a package; its scripts import their siblings)."""
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality() -> ModuleType:
     """``benchmarks/quality.py``: the study runner."""
-    return _load("quality_study", _SCRIPT)
+    return importlib.import_module("benchmarks.quality")
 
 
 @pytest.fixture(scope="module")
 def study_runs() -> ModuleType:
     """``benchmarks/quality_runs.py``: the run plans."""
-    return _load("quality_runs", _RUNS)
+    return importlib.import_module("benchmarks.quality_runs")
 
 
 @pytest.fixture(scope="module")
 def study_records() -> ModuleType:
     """``benchmarks/quality_records.py``: bookkeeping, summary, table."""
-    return _load("quality_records", _RECORDS)
+    return importlib.import_module("benchmarks.quality_records")
 
 
 def _record(name: str, seed: int | None, heldout: float, acc: float | None = None, **fields: object) -> dict:
@@ -156,21 +143,18 @@ def test_append_record_after_a_cut_line_keeps_every_record(
 
 
 _APPEND_MANY = """
-import importlib.util, sys
+import sys
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("quality_records_child", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = module
-spec.loader.exec_module(module)
+from benchmarks.quality_records import append_record
 for i in range(40):
-    module.append_record(Path(sys.argv[2]), {"tag": int(sys.argv[3]), "i": i, "pad": "x" * 5000})
+    append_record(Path(sys.argv[1]), {"tag": int(sys.argv[2]), "i": i, "pad": "x" * 5000})
 """
 
 
 def test_append_record_from_concurrent_processes_keeps_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "quality.jsonl"
-    workers = [
-        subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(_RECORDS), str(path), str(tag)]) for tag in range(3)
+    workers = [  # from the repo root, where `python -c` imports benchmarks
+        subprocess.Popen([sys.executable, "-c", _APPEND_MANY, str(path), str(tag)], cwd=REPO) for tag in range(3)
     ]
     assert [w.wait(timeout=120) for w in workers] == [0, 0, 0]
     records = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses: none interleaved
@@ -366,8 +350,13 @@ def test_lora_fa_freezes_falqon_initial_A_and_trains_only_B(quality: ModuleType)
 
 
 def test_quality_smoke_controls_in_two_shard_processes(
-    quality: ModuleType, tmp_path: Path, study_records: ModuleType, capsys: pytest.CaptureFixture
+    quality: ModuleType,
+    tmp_path: Path,
+    study_records: ModuleType,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(REPO)  # the shards run as `python -m benchmarks.quality` from the working directory
     variants = "bf16-lora,falqon-nomerge,bf16-lora-fa-gradient,falqon+init=gradient+refresh=*"
     args = ["--smoke", "--study", "controls", "--out", str(tmp_path), "--seeds", "0", "--variants", variants]
     assert quality.main([*args, "--jobs", "2", "--eval-every", "1", "--device", "cpu"]) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib
 import itertools
 import json
 import socket
@@ -11,31 +10,19 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fp8_devices import requires_cuda_fp8
 
+from benchmarks import serve_check
+from benchmarks.serving import compare, procs, smollm2
 from falqon_lit.config import FalqonConfig
 from falqon_lit.export import export_model
 from falqon_lit.layer import FalqonLinear
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _benchmark_module(name: str) -> ModuleType:
-    """A module of ``benchmarks/`` (not a package; ``serve_check.py`` imports ``serving`` from beside it)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
-
-
-serve_check = _benchmark_module("serve_check")
-compare = _benchmark_module("serving.compare")
-procs = _benchmark_module("serving.procs")
-smollm2 = _benchmark_module("serving.smollm2")
 
 
 # ------------------------------------------------------------------------------------------------- comparisons
@@ -212,8 +199,9 @@ def test_run_logged_returns_the_exit_status(tmp_path: Path) -> None:
 
 def test_main_records_a_failed_part_and_exits_1(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "serve_check.py"), "--part", "smollm2", "--out", str(out)]
-    proc = subprocess.run([*cmd, "--ckpt", str(tmp_path / "missing.ckpt")], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "benchmarks.serve_check", "--part", "smollm2", "--out", str(out)]
+    cmd += ["--ckpt", str(tmp_path / "missing.ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)  # run from the repo root, as documented
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = json.loads((out / "serve_smollm2.json").read_text())
     (check,) = summary["parts"]["smollm2"]["checks"]

@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.train_step_bench import LLAMA_7B
+
 from .compare import Check, bound_check
-from .procs import Recorder, log_tail, run_logged, say, set_vllm_env
+from .procs import ENTRY, Recorder, log_tail, run_logged, say, set_vllm_env
 from .smollm2 import load_llm
 
-BENCHMARKS = Path(__file__).resolve().parents[1]
-ENTRY = str(BENCHMARKS / "serve_check.py")
-"""The entry script; each 7b load runs in its own process as ``serve_check.py --child 7b-load``."""
 MIN_FP8_WEIGHT_SAVING = 0.4
 """The FP8 folder's weights must take at most ``1 − this`` of the bf16 folder's GPU memory (ideal: ~0.48 saved)."""
 LOAD_TIMEOUT_S = 170.0
@@ -32,7 +31,6 @@ LOAD_TIMEOUT_S = 170.0
 
 def build_llama_7b(layers: int = 32) -> nn.Module:
     """A random LLaMA-7B-shaped model (``LLAMA_7B`` of ``train_step_bench.py``) built in bf16 on the GPU."""
-    from train_step_bench import LLAMA_7B  # benchmarks/ is on sys.path: serve_check.py runs from there
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**LLAMA_7B, num_hidden_layers=layers)
@@ -147,7 +145,8 @@ def run_7b(args: argparse.Namespace, rec: Recorder) -> None:
                 loads[label] = {"error": f"skipped: {timeout:.0f} s left in the part's budget"}
             else:
                 rec.stage(f"vLLM load + decode of the {label} folder (up to {timeout:.0f} s, own process)")
-                cmd = [sys.executable, ENTRY, "--child", "7b-load", "--folder", str(folder), "--out", str(args.out)]
+                cmd = [sys.executable, "-m", ENTRY, "--child", "7b-load", "--folder", str(folder)]
+                cmd += ["--out", str(args.out)]
                 log = args.out / f"7b_load_{label}.log"
                 code, results = run_logged([*cmd, *(["--7b-eager"] if args.eager_7b else [])], log, timeout)
                 if results:
