@@ -20,8 +20,8 @@ from typing import Any
 from .compare import Check
 
 ENTRY = "benchmarks.serve_check"
-"""The serving check's module; each part and each 7b load runs in its own process as ``python -m`` it with
-``--child``, from the parent's working directory (the repository root)."""
+"""The serving check's module: each part and each 7b load is a child process ``python -m ENTRY --child ...``, started
+from the parent's working directory (the repository root)."""
 PROGRESS = "[serve_check"
 """Prefix of progress lines; parents echo them from the children's output."""
 VERDICTS = {True: "PASS", False: "FAIL", None: "info"}
