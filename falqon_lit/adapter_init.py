@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from falqon_lit.config import FalqonConfig, InitMethod
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_weight
@@ -84,30 +85,29 @@ def set_lora_A(layer: FalqonLinear, lora_A_hp: torch.Tensor) -> None:
     """Replace the ``r`` rows of ``A`` in the melded FP8 weight, requantizing only those rows (both layouts).
 
     Row and block scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows
-    beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte.
+    beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte. A row-sharded layer replaces its
+    replicated ``A``: every rank must pass the same ``lora_A_hp``.
 
     Raises:
-        TypeError: a layer whose rows are split across ranks.
         ValueError: a wrong shape, or ``B`` not zero (the old ``B·A`` would change meaning; flush first).
     """
-    if not layer.rows_are_local:
-        raise TypeError(f"set_lora_A needs a single-device FalqonLinear, got {type(layer).__name__}")
     if tuple(lora_A_hp.shape) != (layer.rank, layer.in_features):
         raise ValueError(f"new A must have shape {(layer.rank, layer.in_features)}, got {tuple(lora_A_hp.shape)}")
-    if bool(layer.lora_B.detach().any()):
+    lora_B = layer.lora_B.detach()
+    if bool((lora_B.to_local() if isinstance(lora_B, DTensor) else lora_B).any()):  # sharded: this rank's rows
         raise ValueError("set_lora_A needs B == 0; flush the layer (merge B into W) before replacing A")
-    n = layer.out_features
-    a_hp = lora_A_hp.detach().float().to(layer.weight_fp8.device)
-    if layer.weight_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
+    a_fp8, a_scale = layer.lora_A_rows()
+    a_hp = lora_A_hp.detach().float().to(a_fp8.device)
+    if a_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
         data, scale = quantize_weight(a_hp, layer.config.weight_scaling)
-        layer.weight_scale[n:] = scale
+        a_scale.copy_(scale.reshape(a_scale.shape))
     else:
         # The scale is W's too; new rows beyond its range are shrunk as a whole (clamping would bend directions).
-        limit = fp8_max(E4M3) * layer.weight_scale
-        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), layer.weight_scale, E4M3)
-    layer.weight_fp8[n:] = data
-    if layer.weight_t_fp8 is not None:
-        layer.weight_t_fp8[:, n:] = data.t()
+        limit = fp8_max(E4M3) * a_scale
+        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), a_scale, E4M3)
+    a_fp8.copy_(data)
+    if getattr(layer, "weight_t_fp8", None) is not None:
+        layer.weight_t_fp8[:, layer.out_features :] = data.t()
 
 
 class WeightGradientCapture:
