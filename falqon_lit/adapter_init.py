@@ -46,13 +46,22 @@ def top_right_directions(grad: torch.Tensor, rank: int) -> torch.Tensor:
 
     A randomized SVD with oversampling and 4 power iterations (exact SVDs of a 7B model's 224 gradients would take
     minutes); its random sketch draws from a forked, fixed-seed generator, so the caller's RNG stream is untouched.
+    On the CPU it runs on one thread: data-parallel ranks must find the same directions bit for bit from the same
+    gradient, and CPU kernels round differently on different thread counts (Lightning's launcher gives rank 0 one
+    thread and the ranks it starts all cores).
     """
     grad = grad.detach().float()
     q = min(rank + _LOWRANK_OVERSAMPLE, *grad.shape)
     devices = [grad.device] if grad.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        _, _, v = torch.svd_lowrank(grad, q=q, niter=4)  # v: (in, q)
+    threads = torch.get_num_threads()
+    if grad.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            _, _, v = torch.svd_lowrank(grad, q=q, niter=4)  # v: (in, q)
+    finally:
+        torch.set_num_threads(threads)
     return v[:, :rank].t().contiguous()
 
 
