@@ -49,7 +49,8 @@ class RowwiseProxyUpdate(Callback):
         refresh_every_n_steps: replace ``A`` after every n-th optimizer step (before the last); ``None``: never.
         refresh_directions: ``gradient`` (top-r right singular directions of that step's weight gradient) or
             ``random`` (orthogonal to the previous ``A``).
-        calibration_batches: training batches whose weight gradient initialises ``A`` of ``init: gradient`` layers.
+        calibration_batches: training batches whose weight gradient initialises ``A`` of ``init: gradient`` layers
+            (4, as the quality study measured; summed over data-parallel ranks, so every rank gets the same ``A``).
 
     Raises:
         ValueError: a non-positive ``k``, ``warmup_k``, ``every_n_steps``, ``refresh_every_n_steps`` or
@@ -70,7 +71,7 @@ class RowwiseProxyUpdate(Callback):
         log_rows: bool = True,
         refresh_every_n_steps: int | None = None,
         refresh_directions: str = "gradient",
-        calibration_batches: int = 1,
+        calibration_batches: int = 4,
     ) -> None:
         problems = []
         for name, value in (("k", k), ("warmup_k", warmup_k), ("refresh_every_n_steps", refresh_every_n_steps)):

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from falqon_lit.config import FalqonConfig, InitMethod
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_weight
-from falqon_lit.layer import FalqonLinear
 from falqon_lit.layer_base import FalqonLayer
 
 _LOWRANK_OVERSAMPLE = 16
@@ -46,13 +46,22 @@ def top_right_directions(grad: torch.Tensor, rank: int) -> torch.Tensor:
 
     A randomized SVD with oversampling and 4 power iterations (exact SVDs of a 7B model's 224 gradients would take
     minutes); its random sketch draws from a forked, fixed-seed generator, so the caller's RNG stream is untouched.
+    On the CPU it runs on one thread: data-parallel ranks must find the same directions bit for bit from the same
+    gradient, and CPU kernels round differently on different thread counts (Lightning's launcher gives rank 0 one
+    thread and the ranks it starts all cores).
     """
     grad = grad.detach().float()
     q = min(rank + _LOWRANK_OVERSAMPLE, *grad.shape)
     devices = [grad.device] if grad.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        _, _, v = torch.svd_lowrank(grad, q=q, niter=4)  # v: (in, q)
+    threads = torch.get_num_threads()
+    if grad.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            _, _, v = torch.svd_lowrank(grad, q=q, niter=4)  # v: (in, q)
+    finally:
+        torch.set_num_threads(threads)
     return v[:, :rank].t().contiguous()
 
 
@@ -85,30 +94,29 @@ def set_lora_A(layer: FalqonLayer, lora_A_hp: torch.Tensor) -> None:
     """Replace the ``r`` rows of ``A`` in the melded FP8 weight, requantizing only those rows (both layouts).
 
     Row and block scales give the new rows fresh scales; a tensor scale is shared with ``W`` and kept (new rows
-    beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte.
+    beyond its FP8 range are scaled down to fit). ``W``'s rows keep every byte. A row-sharded layer replaces its
+    replicated ``A``: every rank must pass the same ``lora_A_hp``.
 
     Raises:
-        TypeError: a layer that is not a ``FalqonLinear`` (one whose rows are split across ranks).
         ValueError: a wrong shape, or ``B`` not zero (the old ``B·A`` would change meaning; flush first).
     """
-    if not isinstance(layer, FalqonLinear):
-        raise TypeError(f"set_lora_A needs a single-device FalqonLinear, got {type(layer).__name__}")
     if tuple(lora_A_hp.shape) != (layer.rank, layer.in_features):
         raise ValueError(f"new A must have shape {(layer.rank, layer.in_features)}, got {tuple(lora_A_hp.shape)}")
-    if bool(layer.lora_B.detach().any()):
+    lora_B = layer.lora_B.detach()
+    if bool((lora_B.to_local() if isinstance(lora_B, DTensor) else lora_B).any()):  # sharded: this rank's rows
         raise ValueError("set_lora_A needs B == 0; flush the layer (merge B into W) before replacing A")
-    n = layer.out_features
-    a_hp = lora_A_hp.detach().float().to(layer.weight_fp8.device)
-    if layer.weight_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
+    a_fp8, a_scale = layer.lora_A_rows()
+    a_hp = lora_A_hp.detach().float().to(a_fp8.device)
+    if a_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
         data, scale = quantize_weight(a_hp, layer.config.weight_scaling)
-        layer.weight_scale[n:] = scale
+        a_scale.copy_(scale.reshape(a_scale.shape))
     else:
         # The scale is W's too; new rows beyond its range are shrunk as a whole (clamping would bend directions).
-        limit = fp8_max(E4M3) * layer.weight_scale
-        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), layer.weight_scale, E4M3)
-    layer.weight_fp8[n:] = data
-    if layer.weight_t_fp8 is not None:
-        layer.weight_t_fp8[:, n:] = data.t()
+        limit = fp8_max(E4M3) * a_scale
+        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), a_scale, E4M3)
+    a_fp8.copy_(data)
+    if getattr(layer, "weight_t_fp8", None) is not None:
+        layer.weight_t_fp8[:, layer.out_features :] = data.t()
 
 
 class WeightGradientCapture:

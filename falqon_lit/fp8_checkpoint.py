@@ -176,7 +176,9 @@ class Fp8SourceLinear(nn.Module):
     @torch.no_grad()
     def to_falqon(self, config: FalqonConfig, name: str = "") -> FalqonLinear:
         """A ``FalqonLinear`` whose ``W`` rows are this layer's bytes and scales, and ``A`` random rows of its own
-        (its own row or block scales; with a tensor scale, quantized with ``W``'s scale)."""
+        (its own row or block scales; with a tensor scale, quantized with ``W``'s scale). ``init: svd`` becomes
+        ``random`` (there is no high-precision ``W`` whose FP8 error it would take); ``init: gradient`` stays, so
+        fit calibrates ``A`` as for any layer."""
         kept = (self.source.weight_scaling, self.source.act_scaling)
         if (config.weight_scaling, config.act_scaling) != kept:
             warnings.warn(
@@ -185,14 +187,16 @@ class Fp8SourceLinear(nn.Module):
                 f"act_scaling={config.act_scaling.value!r} (the checkpoint's bytes are kept as they are)",
                 stacklevel=2,
             )
-        config = replace(config, weight_scaling=kept[0], act_scaling=kept[1], init=InitMethod.RANDOM)
+        init = InitMethod.RANDOM if config.init == InitMethod.SVD else config.init
+        config = replace(config, weight_scaling=kept[0], act_scaling=kept[1], init=init)
         device = self.weight_fp8.device
         lora_dtype = torch.float32 if self.bias is None or self.bias.dtype != torch.float64 else torch.float64
         try:
             layer = FalqonLinear(self.in_features, self.out_features, config, self.bias is not None, device, lora_dtype)
         except ValueError as err:
             raise ValueError(f"{err} (layer {name!r})") from None
-        lora_A = init_lora_A(torch.empty(0, self.in_features, device=device), config.rank, config)
+        salt = zlib.crc32(name.encode())
+        lora_A = init_lora_A(torch.empty(0, self.in_features, device=device), config.rank, config, salt)
         w_scale = self.row_scale()
         if config.weight_scaling == ScaleGranularity.TENSOR:
             a_fp8, scale = quantize(lora_A, w_scale, E4M3), w_scale
@@ -203,7 +207,7 @@ class Fp8SourceLinear(nn.Module):
         if self.bias is not None:
             state["bias"] = self.bias
         layer.load_state_dict(state, strict=False)  # also rebuilds the transposed copy
-        layer.salt = zlib.crc32(name.encode())
+        layer.salt = salt
         return layer
 
 

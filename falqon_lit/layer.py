@@ -30,19 +30,21 @@ from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import select_rows
 
 
-def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig) -> torch.Tensor:
+def init_lora_A(weight_hp: torch.Tensor, rank: int, config: FalqonConfig, salt: int) -> torch.Tensor:
     """Initial ``A`` ``(r, in)``: top-r right factor ``sqrt(S_r) V_rᵀ`` of the FP8 error ``W − deq(Q(W))``, or random.
 
     The SVD choice follows the reference implementation: ``A`` then spans the directions FP8 rounding lost most.
-    ``init: gradient`` starts random until its calibration pass (``falqon_lit.adapter_init``). Times
-    ``lora_alpha / rank`` when ``lora_alpha`` is set.
+    ``init: random`` and ``init: gradient`` (random until its calibration pass, ``falqon_lit.adapter_init``) draw
+    PEFT's kaiming-uniform ``A`` from a CPU generator seeded by ``salt`` (the layer's name hash): two conversions of
+    a model give the same bytes, every data-parallel rank the same ``A`` without a broadcast, and the caller's RNG
+    stream is left as it was. Times ``lora_alpha / rank`` when ``lora_alpha`` is set.
     """
     weight = weight_hp.detach().float()
     alpha_scale = 1.0 if config.lora_alpha is None else config.lora_alpha / rank
     if config.init != InitMethod.SVD:
-        lora_A = torch.empty(rank, weight.shape[1], device=weight.device)
-        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's LoRA A init
-        return alpha_scale * lora_A
+        lora_A = torch.empty(rank, weight.shape[1])
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=torch.Generator().manual_seed(salt))  # PEFT's
+        return alpha_scale * lora_A.to(weight.device)
     w_fp8, w_scale = quantize_weight(weight, config.weight_scaling)
     error = weight - dequantize(w_fp8, w_scale)  # (out, in)
     _, s, vh = torch.linalg.svd(error, full_matrices=False)
@@ -129,8 +131,8 @@ class FalqonLinear(FalqonLayer):
             raise ValueError(f"{err}{where}") from None
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
-        layer.set_weight(weight, init_lora_A(weight, config.rank, config))
         layer.salt = zlib.crc32(name.encode())
+        layer.set_weight(weight, init_lora_A(weight, config.rank, config, layer.salt))
         return layer
 
     @torch.no_grad()
@@ -189,10 +191,10 @@ class FalqonLinear(FalqonLayer):
         """Scales of the ``W`` rows only: ``(1,)`` or ``(out, 1)`` (the vLLM ``weight_scale`` shape)."""
         return self.weight_scale if self.weight_scale.numel() == 1 else self.weight_scale[: self.out_features]
 
-    def lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized ``A`` ``(r, in)``."""
+    def lora_A_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of ``A``'s FP8 rows ``(r, in)`` and of their scales (``(1,)``: the tensor scale ``W`` shares)."""
         scale = self.weight_scale if self.weight_scale.numel() == 1 else self.weight_scale[self.out_features :]
-        return dequantize(self.weight_fp8[self.out_features :], scale, dtype)
+        return self.weight_fp8[self.out_features :], scale
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``deq(W)`` ``(out, in)``, the FP8 backbone weight alone."""

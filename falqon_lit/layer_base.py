@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from falqon_lit.config import FalqonConfig, Rounding
+from falqon_lit.fp8.numerics import dequantize
 from falqon_lit.proxy import MergeResult, merge_bits, merge_rows
 
 MERGE_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude")
@@ -36,7 +37,8 @@ class FalqonLayer(nn.Module, abc.ABC):
         in_features: input width.
         out_features: output width (of the whole layer, whatever rows this one stores).
         config: rank, scaling, B policy and backend.
-        salt: per-layer seed of stochastic merge rounding.
+        salt: per-layer seed of stochastic merge rounding and of a random initial ``A`` (a hash of the module
+            name).
     """
 
     rows_are_local: ClassVar[bool]
@@ -96,8 +98,12 @@ class FalqonLayer(nn.Module, abc.ABC):
         """Scales of the stored ``W`` rows only: ``(1,)`` or ``(rows, 1)`` (the vLLM ``weight_scale`` shape)."""
 
     @abc.abstractmethod
+    def lora_A_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A``'s FP8 rows ``(r, in)`` and their scales, as views that writing into changes the layer."""
+
     def lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized ``A`` ``(r, in)``."""
+        return dequantize(*self.lora_A_rows(), dtype)
 
     @abc.abstractmethod
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -130,9 +130,9 @@ class ShardedFalqonLinear(FalqonLayer):
         """Scales of this rank's ``W`` rows: ``(1,)`` or ``(out / world, 1)``."""
         return self.weight_scale
 
-    def lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized ``A`` ``(r, in)`` (replicated)."""
-        return dequantize(self.lora_A_fp8, self.lora_A_scale, dtype)
+    def lora_A_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A``'s FP8 rows ``(r, in)`` and their scales (replicated)."""
+        return self.lora_A_fp8, self.lora_A_scale
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``deq(W)`` of this rank's rows ``(out / world, in)``."""

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from falqon_lit.callbacks import StepProfiler, Throughput
+from falqon_lit.callbacks import RowwiseProxyUpdate, StepProfiler, Throughput
 from falqon_lit.checkpoint import RECORD_KEY, check_record, read_checkpoint
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.exit_codes import EXIT_OK, EXIT_USAGE
@@ -50,9 +50,10 @@ class FalqonProgressBar(RichProgressBar):
 
 
 class FalqonCLI(LightningCLI):
-    """LightningCLI with FALQON's progress bar, ``checkpoints/last.ckpt``, a ``Throughput`` callback (tokens/s, step
-    time, MFU, FP8 engagement) unless the config brings one, ``--profile N`` (a kernel-family profile of step N,
-    ``StepProfiler``), and checks before the Trainer runs."""
+    """LightningCLI with FALQON's progress bar, ``checkpoints/last.ckpt``, the ``RowwiseProxyUpdate`` (merges, and
+    the calibration of ``init: gradient``) and ``Throughput`` (tokens/s, step time, MFU, FP8 engagement) callbacks
+    unless the config brings them, ``--profile N`` (a kernel-family profile of step N, ``StepProfiler``), and checks
+    before the Trainer runs."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -74,6 +75,8 @@ class FalqonCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             extra.append(ModelCheckpoint(save_last=True))  # last.ckpt after each validation, for resume after a kill
+        if not any(isinstance(c, RowwiseProxyUpdate) for c in callbacks):
+            extra.append(RowwiseProxyUpdate())  # FALQON's merges, and the calibration of the default init: gradient
         if not any(isinstance(c, Throughput) for c in callbacks):
             extra.append(Throughput())
         if config.get("profile") is not None:

@@ -7,7 +7,8 @@ Lightning's subprocess launcher re-runs this script for rank 1, so the test star
 Modes: ``single`` (one process, global batch 8), ``ddp`` (2 ranks x 4, DDP), ``ddp-corrupt`` (rank 1 flips one FP8
 byte after step 2), ``sharded`` (2 ranks x 4, ModelParallelStrategy with row-sharded FP8 weights, a sharded
 checkpoint at step 3, gather and save for export). Every rank writes ``OUT/rank{r}.pt``: the state dict as bytes
-(sharded runs: after gathering) and the global training loss of every step.
+(sharded runs: after gathering), the global training loss of every step and the FP8 ``A`` before and after its
+gradient calibration.
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ class CorruptReplica(Callback):
             pl_module.model.get_submodule(CORRUPT_LAYER).weight_fp8.view(torch.uint8)[3, 5] ^= 1
 
 
+class RecordA(Callback):
+    """The FP8 bytes of every layer's ``A`` rows before and after the calibration of ``init: gradient`` (placed
+    before ``RowwiseProxyUpdate``, whose ``on_train_start`` calibrates), and its whole ``weight_fp8`` after."""
+
+    def __init__(self) -> None:
+        self.provisional: dict[str, torch.Tensor] = {}
+        self.calibrated: dict[str, torch.Tensor] = {}
+        self.weight_fp8: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.provisional = {n: _bits(m.lora_A_rows()[0]) for n, m in pl_module.falqon_layers().items()}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.calibrated:
+            self.calibrated = {n: _bits(m.lora_A_rows()[0]) for n, m in pl_module.falqon_layers().items()}
+            self.weight_fp8 = {n: _bits(m.weight_fp8) for n, m in pl_module.falqon_layers().items()}
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     return tensor.clone().view(torch.uint8) if tensor.is_floating_point() and tensor.itemsize == 1 else tensor.clone()
@@ -91,15 +110,17 @@ def main() -> None:
     module = FalqonLitModule(
         model=TINY_LLAMA,
         tokenizer=args.tokenizer,
-        # SVD init: no RNG, the same A in every process. Per-token activation scales: the FP8 rounding of a sequence
-        # does not depend on which other sequences share its micro-batch.
+        # The default init (gradient): a name-seeded provisional A, calibrated on gradients summed over ranks, so every
+        # process holds the same A. Per-token activation scales: the FP8 rounding of a sequence does not depend on
+        # which other sequences share its micro-batch.
         falqon=FalqonConfig(b_policy=BPolicy(args.b_policy), act_scaling=ScaleGranularity(args.act_scaling)),
         optim={"lr": 0.02, "scheduler": "constant"},
         # Row-sharded weights run every projection alone: every mode runs that arithmetic, so runs compare exactly.
         fused_block=False,
     )
-    record = RecordLoss()
+    record, record_a = RecordLoss(), RecordA()
     callbacks: list[Callback] = [
+        record_a,
         RowwiseProxyUpdate(k=4, every_n_steps=2),  # odd steps leave B non-zero: the residual path runs too
         ReplicaConsistencyCheck(every_n_steps=1),
         record,
@@ -135,7 +156,8 @@ def main() -> None:
 
             save_falqon_model(module.model, module.tokenizer, args.out / "saved")
     state = {k: _bits(v) for k, v in module.state_dict().items()}
-    torch.save({"state": state, "losses": record.losses}, args.out / f"rank{trainer.global_rank}.pt")
+    a = {"provisional": record_a.provisional, "calibrated": record_a.calibrated, "weight_fp8": record_a.weight_fp8}
+    torch.save({"state": state, "losses": record.losses, "A": a}, args.out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import torch
 import yaml
 
 from falqon_lit import cli
+from falqon_lit.callbacks import RowwiseProxyUpdate
+from falqon_lit.config import InitMethod
 from falqon_lit.data import InstructionDataModule
 from falqon_lit.module import FalqonLitModule
 
@@ -111,6 +113,23 @@ def test_cli_parses_every_shipped_config(config: Path, capsys: pytest.CaptureFix
     )
     assert isinstance(parsed.model, FalqonLitModule) and parsed.model.model is None
     assert isinstance(parsed.datamodule, InstructionDataModule)
+    assert sum(isinstance(c, RowwiseProxyUpdate) for c in parsed.trainer.callbacks) == 1
+
+
+def test_cli_adds_the_proxy_update_when_the_config_has_none(tiny_config: Path) -> None:
+    # Without it nothing would merge B or calibrate A of the default init: gradient.
+    config = yaml.safe_load(tiny_config.read_text())
+    del config["trainer"]["callbacks"]
+    tiny_config.write_text(yaml.safe_dump(config))
+    parsed = cli.FalqonCLI(
+        FalqonLitModule,
+        InstructionDataModule,
+        run=False,
+        auto_configure_optimizers=False,
+        args=["--config", str(tiny_config)],
+    )
+    (callback,) = [c for c in parsed.trainer.callbacks if isinstance(c, RowwiseProxyUpdate)]
+    assert callback.calibration_batches == 4 and parsed.model.falqon_config.init == InitMethod.GRADIENT
 
 
 @pytest.mark.parametrize(

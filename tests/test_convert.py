@@ -68,6 +68,25 @@ def test_convert_model_tiny_families(family, weight_scaling):
     assert losses[-1] < losses[0]
 
 
+def test_convert_model_default_config_is_reproducible_and_leaves_the_rng_alone():
+    # init: gradient (the default) draws its provisional A from a generator seeded by each layer's name
+    first, again, alone = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    report = convert_model(first, FalqonConfig())
+    convert_model(again, FalqonConfig())
+    convert_model(alone, FalqonConfig(), group_projections=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # data order etc. seeded before a conversion stay as they were
+    assert report.grouped  # grouped projections get the A a layer converted alone gets
+    layers = [falqon_layers(m) for m in (first, again, alone)]
+    for name, layer in layers[0].items():
+        for other in layers[1:]:
+            assert torch.equal(layer.weight_fp8.view(torch.uint8), other[name].weight_fp8.view(torch.uint8)), name
+            assert torch.equal(layer.weight_scale, other[name].weight_scale), name
+    a_0, a_1 = (layers[0][f"model.layers.{i}.self_attn.q_proj"].lora_A() for i in (0, 1))
+    assert not torch.equal(a_0, a_1)  # each layer its own draw
+
+
 def test_convert_model_target_modules_and_ignore():
     model = tiny_model("llama")
     report = convert_model(

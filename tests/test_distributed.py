@@ -81,6 +81,21 @@ def test_ddp_replicas_identical_after_every_merge(runs: dict[str, Path]) -> None
         assert torch.equal(rank0[key], rank1[key]), key
 
 
+def test_default_gradient_init_gives_every_rank_the_same_calibrated_A(runs: dict[str, Path]) -> None:
+    # FalqonConfig() calibrates A on gradients summed over ranks: bit-identical on every rank (DDP never broadcasts
+    # the FP8 buffers), from the same name-seeded provisional A, and the same A when the rows are sharded.
+    ddp = [_result(runs["ddp"], rank)["A"] for rank in (0, 1)]
+    sharded = [_result(runs["sharded"], rank)["A"] for rank in (0, 1)]
+    assert ddp[0]["weight_fp8"].keys() == ddp[1]["weight_fp8"].keys() and len(ddp[0]["weight_fp8"]) == 14
+    for name, weight in ddp[0]["weight_fp8"].items():
+        assert torch.equal(weight, ddp[1]["weight_fp8"][name]), name
+    for name, calibrated in ddp[0]["calibrated"].items():
+        assert not torch.equal(calibrated, ddp[0]["provisional"][name]), name
+        for record in (ddp[1], *sharded):
+            assert torch.equal(record["provisional"][name], ddp[0]["provisional"][name]), name
+            assert torch.equal(record["calibrated"][name], calibrated), name
+
+
 def test_fabric_run_launches_the_same_ddp_training(runs: dict[str, Path]) -> None:
     for rank in (0, 1):
         launched, spawned = _result(runs["fabric-run"], rank), _result(runs["ddp"], rank)

@@ -160,7 +160,8 @@ def test_layer_state_dict_roundtrip_is_bitwise_and_rebuilds_transpose():
 def test_layer_svd_init_reduces_quantization_error(weight_scaling):
     torch.manual_seed(13)
     weight = torch.randn(80, 96) * 0.05
-    layer = FalqonLinear.from_linear(_with_weight(weight), FalqonConfig(rank=16, weight_scaling=weight_scaling))
+    config = FalqonConfig(rank=16, weight_scaling=weight_scaling, init=InitMethod.SVD)
+    layer = FalqonLinear.from_linear(_with_weight(weight), config)
     w_fp8, w_scale = quantize_weight(weight, weight_scaling)
     error = weight.double() - dequantize(w_fp8, w_scale, torch.float64)
     a = layer.lora_A(torch.float64)

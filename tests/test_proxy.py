@@ -8,7 +8,7 @@ import torch
 from fp8_devices import DEVICES
 from torch import nn
 
-from falqon_lit.config import BPolicy, FalqonConfig, Rounding, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, Rounding, ScaleGranularity
 from falqon_lit.fp8.numerics import E4M3, quantize_dynamic
 from falqon_lit.layer import FalqonLinear
 from falqon_lit.proxy import merge_bits, merge_rows, row_scores, select_rows, select_rows_batched
@@ -162,7 +162,10 @@ def test_stochastic_merges_apply_small_updates_on_average(device, weight_scaling
     delta_b = torch.randn(96, 16, dtype=torch.float64, device=device)
     gains = {}
     for rounding in Rounding:
-        config = FalqonConfig(rank=16, weight_scaling=weight_scaling, b_policy=BPolicy.KEEP, merge_rounding=rounding)
+        # SVD init: column 0 is exact in FP8, so A's column 0 is ~0 and no update moves a row's amax (its scale).
+        config = FalqonConfig(
+            rank=16, weight_scaling=weight_scaling, b_policy=BPolicy.KEEP, merge_rounding=rounding, init=InitMethod.SVD
+        )
         layer = FalqonLinear.from_linear(base, config, name="probe")
         a = layer.lora_A(torch.float64)
         step = 32 * layer.weight_scale_rows.double()

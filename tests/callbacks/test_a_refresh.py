@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from falqon_lit.callbacks import RowwiseProxyUpdate
@@ -53,6 +53,43 @@ def test_gradient_init_runs_once_at_train_start(tiny_trainer_parts, tmp_path: Pa
         assert not torch.allclose(lora_A, placeholders[name]), name
         norms = lora_A.norm(dim=1)  # orthonormal directions scaled to the kaiming row norm (FP8-rounded)
         assert torch.allclose(norms, torch.full_like(norms, 1 / math.sqrt(3)), rtol=0.05), name
+
+
+def test_default_config_fit_calibrates_A_on_4_batches_before_the_first_step(tiny_trainer_parts, tmp_path: Path) -> None:
+    seed_everything(123)
+    module, data = tiny_trainer_parts({"optim": {"lr": 0.01}})  # FalqonConfig() as it comes
+    assert module.falqon_config.init == InitMethod.GRADIENT
+    seen: dict = {}
+
+    class Probe(Callback):  # before RowwiseProxyUpdate: sees the provisional A, then A and B at the first step
+        def on_train_start(self, trainer, pl_module):
+            seen["provisional"] = _lora_As(pl_module)
+            seen["losses"] = 0
+            loss_and_predictions = pl_module.loss_and_predictions
+
+            def counted(batch):
+                seen["losses"] += 1
+                return loss_and_predictions(batch)
+
+            pl_module.loss_and_predictions = counted
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["calibrated"] = _lora_As(pl_module)
+            seen["calibration losses"] = seen["losses"]
+            seen["B"] = [layer.lora_B.detach().clone() for layer in pl_module.falqon_layers().values()]
+
+    _trainer(tmp_path, [Probe(), RowwiseProxyUpdate()], max_steps=1).fit(module, datamodule=data)
+    assert seen["calibration losses"] == 4  # the study's calibration: 4 training batches
+    assert all(not b.any() for b in seen["B"])
+    for name, lora_A in seen["calibrated"].items():
+        assert not torch.allclose(lora_A, seen["provisional"][name]), name
+
+
+def test_gradient_init_without_a_calibrating_callback_warns(tiny_trainer_parts, tmp_path: Path) -> None:
+    seed_everything(123)
+    module, data = tiny_trainer_parts()
+    with pytest.warns(UserWarning, match="init: gradient needs the RowwiseProxyUpdate callback"):
+        _trainer(tmp_path, [], max_steps=1).fit(module, datamodule=data)
 
 
 @pytest.mark.parametrize("directions", ["gradient", "random"])
