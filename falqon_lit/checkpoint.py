@@ -270,8 +270,10 @@ def rebuild_converted(
     """
     from transformers import AutoModelForCausalLM
 
-    # Random A init: the saved FP8 bytes overwrite it (SVD would cost minutes for nothing).
-    rebuild = dataclasses.replace(falqon, target_modules=list(converted), init=InitMethod.RANDOM)
+    # No SVD: the saved FP8 bytes overwrite A (the SVD would cost minutes for nothing). GRADIENT stays (its
+    # provisional A is random too), so the rebuilt layers carry the trained ones' config.
+    init = InitMethod.RANDOM if falqon.init == InitMethod.SVD else falqon.init
+    rebuild = dataclasses.replace(falqon, target_modules=list(converted), init=init)
     source_layers = set(fp8_source["layers"]) if fp8_source else set()
     with torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from falqon_lit.callbacks import RowwiseProxyUpdate
 from falqon_lit.callbacks.replica_check import ReplicaConsistencyCheck
-from falqon_lit.config import BPolicy, FalqonConfig, ScaleGranularity
+from falqon_lit.config import BPolicy, FalqonConfig, InitMethod, ScaleGranularity
 from falqon_lit.module import FalqonLitModule
 from falqon_lit.sharded import gather_falqon_model
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--b-policy", default="zero")
     parser.add_argument("--act-scaling", default="row")
     parser.add_argument("--resume", help="sharded checkpoint folder to resume from")
+    parser.add_argument("--init", default=FalqonConfig().init.value, help="init of A (default: the library's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -113,7 +114,9 @@ def main() -> None:
         # The default init (gradient): a name-seeded provisional A, calibrated on gradients summed over ranks, so every
         # process holds the same A. Per-token activation scales: the FP8 rounding of a sequence does not depend on
         # which other sequences share its micro-batch.
-        falqon=FalqonConfig(b_policy=BPolicy(args.b_policy), act_scaling=ScaleGranularity(args.act_scaling)),
+        falqon=FalqonConfig(
+            b_policy=BPolicy(args.b_policy), act_scaling=ScaleGranularity(args.act_scaling), init=InitMethod(args.init)
+        ),
         optim={"lr": 0.02, "scheduler": "constant"},
         # Row-sharded weights run every projection alone: every mode runs that arithmetic, so runs compare exactly.
         fused_block=False,

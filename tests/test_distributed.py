@@ -53,11 +53,12 @@ def _result(out: Path, rank: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_chat_tokenizer_dir: Path) -> dict[str, Path]:
     """The single-process, DDP, sharded, resumed-sharded and `fabric run`-launched DDP runs (6 optimizer steps each,
-    global batch 8)."""
+    global batch 8; the default init, but SVD for the single-process run and a DDP run to compare it with)."""
     root = tmp_path_factory.mktemp("dist")
     outs = {}
     for name, mode, extra in (
-        ("single", "single", ()),
+        ("single", "single", ("--init", "svd")),
+        ("ddp-svd", "ddp", ("--init", "svd")),
         ("ddp", "ddp", ()),
         ("sharded", "sharded", ()),
         ("resumed", "sharded", ("--resume", str(root / "sharded" / "ckpt" / "epoch=0-step=3.ckpt"))),
@@ -105,7 +106,9 @@ def test_fabric_run_launches_the_same_ddp_training(runs: dict[str, Path]) -> Non
 
 
 def test_ddp_matches_single_process_to_rounding(runs: dict[str, Path]) -> None:
-    single, ddp = _result(runs["single"]), _result(runs["ddp"])
+    # SVD init: the gradient calibration sums the batch in another order on 2 ranks, so A itself would differ by
+    # FP8 roundings before the first step; this test is about the steps.
+    single, ddp = _result(runs["single"]), _result(runs["ddp-svd"])
     # Per-token activation scales make every sequence's FP8 rounding independent of its micro-batch; what remains
     # is fp32 summation order (one loss over 8 sequences vs the mean of two losses over 4): ~1e-7 in B per step,
     # which now and then moves a merged value across an FP8 rounding boundary.
