@@ -296,7 +296,7 @@ def test_plan_controls_runs_every_control_seed_before_the_remedies(study_runs: M
     assert len(runs) == 3 * len(by_name) and len({r.key for r in runs}) == len(runs)
     nomerge = by_name["falqon-nomerge"]
     assert not nomerge.merge and nomerge.falqon == by_name["falqon-row-keep-sr"].falqon
-    assert by_name["falqon-row-keep-sr"].falqon.init == FalqonConfig().init  # the library default
+    assert by_name["falqon-row-keep-sr"].falqon.init == InitMethod.SVD  # the defaults the controls decompose
     fa = {n: r for n, r in by_name.items() if r.kind == "peft-fa"}
     assert {n: r.falqon.init.value for n, r in fa.items()} == {
         "bf16-lora-fa-svd": "svd",
