@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from falqon_lit.adapter_init import (
@@ -145,6 +146,14 @@ class RowwiseProxyUpdate(Callback):
             return
         if not hasattr(pl_module, "loss_and_predictions"):
             raise TypeError("init 'gradient' needs a FalqonLitModule (loss_and_predictions) to run its calibration")
+        # A model that has trained already (B != 0, e.g. a trained module fitted further without ckpt_path) keeps its
+        # A: B was learnt in A's coordinates. Decided over all ranks alike (sharded ranks hold different rows of B).
+        trained = any(bool(layer.local_lora_B().detach().any()) for layer in layers)
+        flag = torch.tensor(float(trained), device=pl_module.device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
+            rank_zero_warn("init: gradient calibration skipped: B is not zero (the model has trained already), A kept")
+            self.a_initialised = True
+            return
 
         def losses():
             for _, batch in zip(range(self.calibration_batches), trainer.train_dataloader, strict=False):

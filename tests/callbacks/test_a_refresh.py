@@ -85,6 +85,28 @@ def test_default_config_fit_calibrates_A_on_4_batches_before_the_first_step(tiny
         assert not torch.allclose(lora_A, seen["provisional"][name]), name
 
 
+def test_gradient_init_keeps_A_of_a_model_that_has_trained(tiny_trainer_parts, tmp_path: Path) -> None:
+    """A trained module fitted further (no ckpt_path) keeps the A its B was learnt against: no failure, no new A."""
+    seed_everything(123)
+    module, data = tiny_trainer_parts({"optim": {"lr": 0.01}})
+    module.configure_model()
+    layers = module.falqon_layers()
+    with torch.no_grad():
+        next(iter(layers.values())).lora_B.normal_(0, 1e-3)  # one trained row is enough
+    before = _lora_As(module)
+    seen: dict = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("A", _lora_As(pl_module))
+
+    callback = RowwiseProxyUpdate()
+    with pytest.warns(UserWarning, match="calibration skipped: B is not zero"):
+        _trainer(tmp_path, [callback, Probe()], max_steps=1).fit(module, datamodule=data)
+    assert callback.a_initialised
+    assert all(torch.equal(seen["A"][name], before[name]) for name in before)
+
+
 def test_gradient_init_without_a_calibrating_callback_warns(tiny_trainer_parts, tmp_path: Path) -> None:
     seed_everything(123)
     module, data = tiny_trainer_parts()
