@@ -148,7 +148,7 @@ class RowwiseProxyUpdate(Callback):
             raise TypeError("init 'gradient' needs a FalqonLitModule (loss_and_predictions) to run its calibration")
         # A model that has trained already (B != 0, e.g. a trained module fitted further without ckpt_path) keeps its
         # A: B was learnt in A's coordinates. Decided over all ranks alike (sharded ranks hold different rows of B).
-        trained = any(bool(layer.local_lora_B().detach().any()) for layer in layers)
+        trained = any(bool(layer.local_lora_B().any()) for layer in layers)
         flag = torch.tensor(float(trained), device=pl_module.device)
         if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0:
             rank_zero_warn("init: gradient calibration skipped: B is not zero (the model has trained already), A kept")

@@ -27,9 +27,8 @@ from typing_extensions import override
 
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize_dynamic
 from falqon_lit.layer import falqon_layers
-from falqon_lit.layer_base import FalqonLayer
+from falqon_lit.layer_base import MERGE_COUNTERS, FalqonLayer
 
-_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude")
 _SUMMARY = {  # statistic -> how layers are summarised
     "a_amax": "max",
     "a_scale": "max",
@@ -41,7 +40,7 @@ _SUMMARY = {  # statistic -> how layers are summarised
     "w_zero_frac": "mean",
     "b_row_norm_max": "max",
     "b_row_norm_mean": "mean",
-    **dict.fromkeys(_COUNTERS, "sum"),
+    **dict.fromkeys(MERGE_COUNTERS, "sum"),
 }
 
 
@@ -74,7 +73,7 @@ def weight_stats(layer: FalqonLayer) -> dict[str, float]:
         "b_row_norm_max": b_norms.max().item(),
         "b_row_norm_mean": b_norms.mean().item(),
     }
-    stats.update({name: float(getattr(layer, name).item()) for name in _COUNTERS})
+    stats.update({name: float(getattr(layer, name).item()) for name in MERGE_COUNTERS})
     return stats
 
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from falqon_lit.config import FalqonConfig, InitMethod
 from falqon_lit.fp8.numerics import E4M3, fp8_max, quantize, quantize_weight
@@ -102,21 +101,16 @@ def set_lora_A(layer: FalqonLayer, lora_A_hp: torch.Tensor) -> None:
     """
     if tuple(lora_A_hp.shape) != (layer.rank, layer.in_features):
         raise ValueError(f"new A must have shape {(layer.rank, layer.in_features)}, got {tuple(lora_A_hp.shape)}")
-    lora_B = layer.lora_B.detach()
-    if bool((lora_B.to_local() if isinstance(lora_B, DTensor) else lora_B).any()):  # sharded: this rank's rows
+    if bool(layer.local_lora_B().any()):  # sharded: this rank's rows
         raise ValueError("set_lora_A needs B == 0; flush the layer (merge B into W) before replacing A")
     a_fp8, a_scale = layer.lora_A_rows()
     a_hp = lora_A_hp.detach().float().to(a_fp8.device)
     if a_scale.numel() > 1:  # row or block scales: A's rows (their own block row) get fresh scales
-        data, scale = quantize_weight(a_hp, layer.config.weight_scaling)
-        a_scale.copy_(scale.reshape(a_scale.shape))
+        layer.write_lora_A(*quantize_weight(a_hp, layer.config.weight_scaling))
     else:
         # The scale is W's too; new rows beyond its range are shrunk as a whole (clamping would bend directions).
         limit = fp8_max(E4M3) * a_scale
-        data = quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), a_scale, E4M3)
-    a_fp8.copy_(data)
-    if getattr(layer, "weight_t_fp8", None) is not None:
-        layer.weight_t_fp8[:, layer.out_features :] = data.t()
+        layer.write_lora_A(quantize(a_hp * (limit / a_hp.abs().amax()).clamp(max=1.0), a_scale, E4M3), None)
 
 
 class WeightGradientCapture:

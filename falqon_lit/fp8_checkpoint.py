@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from falqon_lit.config import FalqonConfig, InitMethod, ScaleGranularity
 from falqon_lit.fp8.numerics import E4M3, dequantize, expand_block_scale, quantize, quantize_weight
 from falqon_lit.layer import FalqonLinear, init_lora_A
+from falqon_lit.layer_base import salt_of
 
 SUPPORTED = (
     "compressed-tensors float-quantized FP8 (weights tensor, channel or block [128, 128]; input activations dynamic "
@@ -195,7 +195,7 @@ class Fp8SourceLinear(nn.Module):
             layer = FalqonLinear(self.in_features, self.out_features, config, self.bias is not None, device, lora_dtype)
         except ValueError as err:
             raise ValueError(f"{err} (layer {name!r})") from None
-        salt = zlib.crc32(name.encode())
+        salt = salt_of(name)
         lora_A = init_lora_A(torch.empty(0, self.in_features, device=device), config.rank, config, salt)
         w_scale = self.row_scale()
         if config.weight_scaling == ScaleGranularity.TENSOR:

@@ -15,7 +15,6 @@ the row-sharded layer offers as well: both implement ``layer_base.FalqonLayer``.
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.gemm import resolve_backend
 from falqon_lit.fp8.numerics import E4M3, dequantize, group_count, quantize_weight
 from falqon_lit.functional import FalqonLinearFunction, MeldedArgs
-from falqon_lit.layer_base import FalqonLayer
+from falqon_lit.layer_base import FalqonLayer, salt_of
 from falqon_lit.merge_policy import hold_small_rows
 from falqon_lit.proxy import select_rows
 
@@ -131,7 +130,7 @@ class FalqonLinear(FalqonLayer):
             raise ValueError(f"{err}{where}") from None
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
-        layer.salt = zlib.crc32(name.encode())
+        layer.salt = salt_of(name)
         layer.set_weight(weight, init_lora_A(weight, config.rank, config, layer.salt))
         return layer
 
@@ -196,6 +195,13 @@ class FalqonLinear(FalqonLayer):
         scale = self.weight_scale if self.weight_scale.numel() == 1 else self.weight_scale[self.out_features :]
         return self.weight_fp8[self.out_features :], scale
 
+    @torch.no_grad()
+    def write_lora_A(self, data: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """As ``FalqonLayer.write_lora_A``, and into the stored transpose's ``A`` columns."""
+        super().write_lora_A(data, scale)
+        if self.weight_t_fp8 is not None:
+            self.weight_t_fp8[:, self.out_features :] = data.t()
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``deq(W)`` ``(out, in)``, the FP8 backbone weight alone."""
         return dequantize(self.weight_fp8[: self.out_features], self.weight_scale_rows, dtype)
@@ -253,8 +259,7 @@ class FalqonLinear(FalqonLayer):
         self.merge_rows += rows.numel()
         self.merge_calls += 1
         stochastic = rounding == Rounding.STOCHASTIC
-        block_scaled = self.config.weight_scaling == ScaleGranularity.BLOCK  # no fused kernel for block scales yet
-        if triton_merge.available(self.weight_fp8) and not block_scaled:
+        if triton_merge.available(self.weight_fp8, self.config.weight_scaling):
             stats = triton_merge.merge_rows_fused(
                 rows, self.lora_B, self.weight_fp8, self.weight_t_fp8, self.weight_scale, self.out_features,
                 merge_count=self.merge_calls if stochastic else None, salt=self.salt,

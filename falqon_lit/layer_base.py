@@ -16,6 +16,7 @@ State every FALQON layer holds (buffers, not Parameters, except ``lora_B`` and t
 from __future__ import annotations
 
 import abc
+import zlib
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -25,6 +26,13 @@ from torch import nn
 from falqon_lit.config import FalqonConfig, Rounding
 from falqon_lit.fp8.numerics import dequantize
 from falqon_lit.proxy import MergeResult, merge_bits, merge_rows
+
+
+def salt_of(name: str) -> int:
+    """A layer's salt: the seed of its stochastic merge rounding and of its random initial ``A``, from its module
+    name, so that every conversion and every data-parallel rank draws the same bits."""
+    return zlib.crc32(name.encode())
+
 
 MERGE_COUNTERS = ("merge_rows", "merge_saturated", "merge_lost", "merge_calls", "merge_magnitude")
 """The merge counter buffers: rows merged, saturated and lost values, merge calls, magnitude of the merged updates."""
@@ -57,7 +65,7 @@ class FalqonLayer(nn.Module, abc.ABC):
         super().__init__()
         self.in_features, self.out_features, self.rank, self.config = in_features, out_features, config.rank, config
         self.salt = salt
-        """Per-layer seed of stochastic merge rounding (a hash of the module name, set by ``from_linear``)."""
+        """Per-layer seed (:func:`salt_of` the module name, set when the layer is built from one)."""
         self._b_zero_token: tuple[int, int] | None = None
 
     # --------------------------------------------------------------------------------------------------- forward
@@ -100,6 +108,14 @@ class FalqonLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def lora_A_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``A``'s FP8 rows ``(r, in)`` and their scales, as views that writing into changes the layer."""
+
+    @torch.no_grad()
+    def write_lora_A(self, data: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Store new FP8 rows of ``A`` and, unless ``None`` (a tensor scale ``W`` shares), their scales."""
+        a_fp8, a_scale = self.lora_A_rows()
+        a_fp8.copy_(data)
+        if scale is not None:
+            a_scale.copy_(scale.reshape(a_scale.shape))
 
     def lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized ``A`` ``(r, in)``."""

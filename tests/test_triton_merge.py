@@ -11,7 +11,7 @@ from fp8_devices import requires_cuda_fp8
 from falqon_lit.config import ScaleGranularity
 from falqon_lit.fp8 import triton_merge
 from falqon_lit.fp8.numerics import E4M3, dequantize, quantize_dynamic
-from falqon_lit.fp8.triton_quantize import FUSED_GRANULARITIES
+from falqon_lit.fp8.triton_merge import FUSED_GRANULARITIES
 from falqon_lit.proxy import MergeResult, merge_bits, merge_rows, select_rows
 
 
@@ -103,7 +103,7 @@ def _assert_fused_matches_eager(before: _Layer, after: _Layer, stats: torch.Tens
 
 
 def test_triton_merge_not_used_on_cpu():
-    assert not triton_merge.available(torch.zeros(2, 2, dtype=E4M3))
+    assert not triton_merge.available(torch.zeros(2, 2, dtype=E4M3), ScaleGranularity.ROW)
 
 
 @pytest.mark.gpu

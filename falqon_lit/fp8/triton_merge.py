@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from falqon_lit.config import ScaleGranularity
 from falqon_lit.fp8.numerics import AMAX_EPS, E4M3, fp8_max
 
 try:
@@ -47,9 +48,13 @@ BLOCK_K = 64
 """Columns per program: small enough for a few hundred programs on a 4096-wide layer."""
 
 
-def available(weight_fp8: torch.Tensor) -> bool:
-    """Whether the fused merge can run on these buffers."""
-    return triton is not None and weight_fp8.is_cuda
+FUSED_GRANULARITIES = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)
+"""Weight scale granularities the fused merge handles (block-scaled merges take the eager path)."""
+
+
+def available(weight_fp8: torch.Tensor, granularity: ScaleGranularity) -> bool:
+    """Whether the fused merge can run on these buffers with this weight scale granularity."""
+    return triton is not None and weight_fp8.is_cuda and granularity in FUSED_GRANULARITIES
 
 
 if triton is not None:

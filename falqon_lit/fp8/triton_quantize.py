@@ -150,11 +150,6 @@ def transpose(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-FUSED_GRANULARITIES = (ScaleGranularity.TENSOR, ScaleGranularity.ROW)
-"""Scale granularities the fused merge kernels handle (block-scaled merges take the eager path); quantization also
-computes 1 × 128 groups (``ScaleGranularity.BLOCK``)."""
-
-
 def quantize_fused(
     x_hp: torch.Tensor,
     dtype: torch.dtype = E4M3,
